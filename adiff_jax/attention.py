@@ -1,0 +1,116 @@
+"""The one attention function of the project, and the attention layer built on it.
+
+Every attention in the project (spatial self/cross attention, temporal motion-module
+attention, VAE mid-block attention, CLIP) calls `dot_product_attention`.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from adiff_jax.lora import LoRADense
+
+_log = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+def _xla_attention(q, k, v, mask, is_causal, scale):
+  # Logits and softmax in f32 whatever the compute dtype: bf16 softmax loses too much.
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  if is_causal:
+    lq, lk = q.shape[1], k.shape[1]
+    causal = jnp.tril(jnp.ones((lq, lk), dtype=bool), k=lk - lq)
+    mask = causal if mask is None else jnp.logical_and(mask, causal)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def _cudnn_allowed(q, k, mask) -> bool:
+  d = q.shape[-1]
+  return (
+      _on_gpu()
+      and q.dtype in (jnp.bfloat16, jnp.float16)
+      and d <= 128 and d % 8 == 0
+      and k.shape[-1] == d
+      and mask is None
+  )
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: Optional[jax.Array] = None,
+    is_causal: bool = False,
+    implementation: Optional[str] = None,
+) -> jax.Array:
+  """Multi-head scaled dot-product attention.
+
+  Shapes: q (B, Lq, H, D), k and v (B, Lk, H, D) -> (B, Lq, H, D). `mask` is boolean,
+  broadcastable to (B, H, Lq, Lk), True = attend. Scale is D**-0.5.
+
+  implementation: "xla" (einsum, f32 softmax), "cudnn" (fused flash attention through
+  `jax.nn.dot_product_attention`; GPU, bf16/f16 only) or None: cuDNN where the backend,
+  shapes and dtypes allow it, XLA otherwise.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be (B, L, H, D); got {q.shape}, {k.shape}, {v.shape}")
+  scale = q.shape[-1] ** -0.5
+  use_cudnn = implementation == "cudnn" or (implementation is None and _cudnn_allowed(q, k, mask))
+  if use_cudnn:
+    try:
+      return jax.nn.dot_product_attention(
+          q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation="cudnn")
+    except Exception as e:  # unsupported shape/version: fall back rather than fail
+      if implementation == "cudnn":
+        raise
+      _log.info("cuDNN attention unavailable for %s (%s); using XLA", q.shape, e)
+  return _xla_attention(q, k, v, mask, is_causal, scale)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with diffusers/official parameter names: to_q, to_k, to_v, to_out_0.
+
+  Input x (B, Lq, C), optional context (B, Lk, Cc) for cross-attention; output (B, Lq, C).
+  `qkv_bias=False` as in the SD UNet and the motion module; the VAE uses biases.
+  The projections are `LoRADense`, so MotionLoRA / domain-adapter LoRAs apply here.
+  """
+  heads: int
+  dim_head: int
+  out_dim: Optional[int] = None
+  qkv_bias: bool = False
+  implementation: Optional[str] = None
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None):
+    inner = self.heads * self.dim_head
+    out_dim = self.out_dim or x.shape[-1]
+    dense = functools.partial(LoRADense, dtype=self.dtype, param_dtype=self.param_dtype)
+    ctx = x if context is None else context
+    q = dense(inner, use_bias=self.qkv_bias, name="to_q")(x)
+    k = dense(inner, use_bias=self.qkv_bias, name="to_k")(ctx)
+    v = dense(inner, use_bias=self.qkv_bias, name="to_v")(ctx)
+    split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.dim_head))  # (B, L, H, D)
+    o = dot_product_attention(split(q), split(k), split(v), mask=mask,
+                              implementation=self.implementation)
+    o = o.reshape(o.shape[:-2] + (inner,))
+    return dense(out_dim, use_bias=True, name="to_out_0")(o)

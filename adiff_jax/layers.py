@@ -1,0 +1,78 @@
+"""Small shared layers: GroupNorm with per-frame / across-frame statistics, PyTorch-style conv."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over channels-last input, statistics in f32 (parameters `scale`, `bias`).
+
+  Input (N, *spatial, C): statistics per sample over spatial axes and the channels of a group.
+  Input (B, F, H, W, C) is video: per frame by default (frames are samples, as in the official
+  `InflatedGroupNorm` and in every spatial-transformer / motion-module norm); with
+  `across_frames=True` statistics pool over F, H, W, as PyTorch's GroupNorm on a (b, c, f, h, w)
+  tensor does in the v1 base UNet (`use_inflated_groupnorm: false`).
+  """
+  num_groups: int
+  epsilon: float = 1e-5
+  across_frames: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    first = 2 if (x.ndim == 5 and not self.across_frames) else 1
+    xg = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+    axes = tuple(range(first, xg.ndim - 2)) + (xg.ndim - 1,)
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class Conv2d(nn.Module):
+  """2-D convolution with PyTorch padding semantics (parameters `kernel` (kh, kw, in, out), `bias`).
+
+  Any leading dims are folded into the batch, so video (B, F, H, W, C) is convolved per frame
+  (the official `InflatedConv3d`).
+  """
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  padding: int = 1
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (k, k, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    lead = x.shape[:-3]
+    x = x.reshape((-1,) + x.shape[-3:]).astype(self.dtype)  # (N, H, W, C)
+    p = self.padding
+    y = jax.lax.conv_general_dilated(
+        x, kernel.astype(self.dtype), (self.stride, self.stride), ((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+    y = (y + bias.astype(jnp.float32)).astype(self.dtype)
+    return y.reshape(lead + y.shape[1:])
+
+
+def fold_frames(x):
+  """(B, F, ...) -> (B*F, ...)."""
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def unfold_frames(x, frames: int):
+  """(B*F, ...) -> (B, F, ...)."""
+  return x.reshape((-1, frames) + x.shape[1:])
