@@ -1,0 +1,443 @@
+"""Noise schedules and samplers (DDIM, Euler, DPM-Solver++ 2M) in pure JAX.
+
+Everything that depends only on the config and the number of steps (timesteps, alphas, sigmas,
+solver coefficients) is precomputed once in NumPy float64 into small per-step tables. The step
+functions index those tables with the step number `i`, so `i` may be a traced value and a whole
+denoising loop fits in one `jax.lax.scan` / `fori_loop`. Sampler state is a pytree (a dict,
+possibly empty) that is passed in and returned, so it can be the scan carry.
+
+Numbers follow diffusers (`DDIMScheduler`, `EulerDiscreteScheduler`,
+`DPMSolverMultistepScheduler`), including their per-scheduler timestep spacing quirks; see
+docs/schedulers.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Pytree = Any
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+
+# ComfyUI / original-SD (ldm) names for the same schedules. Accepting them silently would be a
+# trap: ComfyUI "linear" is diffusers "scaled_linear", so we only use them for error hints.
+_COMFY_HINT = {
+  "sqrt_linear": "ComfyUI/ldm 'sqrt_linear' is diffusers 'linear' (betas linear in beta)",
+  "cosine": "ComfyUI/ldm 'cosine' is diffusers 'squaredcos_cap_v2'",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSchedule:
+  """Training noise schedule plus the inference options that diffusers keeps in the same config.
+
+  Defaults are the official AnimateDiff inference/training config (see `animatediff()`).
+  `beta_schedule` uses diffusers names: "linear" = betas linear in beta (AnimateDiff),
+  "scaled_linear" = linear in sqrt(beta) (what SD1.5 itself was trained with).
+  """
+  num_train_timesteps: int = 1000
+  beta_start: float = 0.00085
+  beta_end: float = 0.012
+  beta_schedule: str = "linear"
+  prediction_type: str = "epsilon"
+  steps_offset: int = 1
+  timestep_spacing: str = "leading"
+  set_alpha_to_one: bool = True
+  clip_sample: bool = False
+  clip_sample_range: float = 1.0
+
+  def __post_init__(self):
+    if self.beta_schedule not in BETA_SCHEDULES:
+      hint = _COMFY_HINT.get(self.beta_schedule, "")
+      raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; expected one of "
+                       f"{BETA_SCHEDULES} (diffusers names){'; ' + hint if hint else ''}")
+    if self.prediction_type not in PREDICTION_TYPES:
+      raise ValueError(f"unknown prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    if self.timestep_spacing not in TIMESTEP_SPACINGS:
+      raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
+    if self.num_train_timesteps < 1:
+      raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+
+  @classmethod
+  def animatediff(cls) -> "NoiseSchedule":
+    """Official AnimateDiff config (configs/inference/*.yaml noise_scheduler_kwargs + DDIM
+    defaults of diffusers 0.11.1); also what the official train.py uses for the forward process."""
+    return cls(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+               prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+               set_alpha_to_one=True, clip_sample=False)
+
+  @classmethod
+  def sd15(cls) -> "NoiseSchedule":
+    """SD1.5's own scheduler_config.json (scaled_linear, set_alpha_to_one false)."""
+    return cls(beta_schedule="scaled_linear", set_alpha_to_one=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule tables (NumPy, float64)
+
+
+def betas(schedule: NoiseSchedule) -> np.ndarray:
+  """Betas rounded to float32 exactly where diffusers keeps them in float32, returned as float64."""
+  n = schedule.num_train_timesteps
+  if schedule.beta_schedule == "linear":
+    b = np.linspace(schedule.beta_start, schedule.beta_end, n).astype(np.float32)
+  elif schedule.beta_schedule == "scaled_linear":
+    # diffusers squares the float32 sqrt-betas in float32.
+    r = np.linspace(schedule.beta_start ** 0.5, schedule.beta_end ** 0.5, n).astype(np.float32)
+    b = r * r
+  else:  # squaredcos_cap_v2 (Nichol & Dhariwal), capped at 0.999, then stored as float32
+    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    b = np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)]).astype(np.float32)
+  return b.astype(np.float64)
+
+
+def alphas_cumprod(schedule: NoiseSchedule) -> np.ndarray:
+  """(num_train_timesteps,) float64 cumulative product of alphas.
+
+  alphas = 1 - betas is taken in float32 (as diffusers does); the product is then accumulated in
+  float64, so it agrees with diffusers' float32 `alphas_cumprod` to ~1e-6 relative (its own
+  float32 cumprod rounding) and is the more accurate of the two.
+  """
+  a = (np.float32(1.0) - betas(schedule).astype(np.float32)).astype(np.float64)
+  return np.cumprod(a)
+
+
+def _check_steps(schedule: NoiseSchedule, num_steps: int):
+  if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool):
+    raise ValueError(f"num_steps must be an int, got {num_steps!r}")
+  if not 1 <= num_steps <= schedule.num_train_timesteps:
+    raise ValueError(f"num_steps must be in [1, {schedule.num_train_timesteps}] "
+                     f"(num_train_timesteps), got {num_steps}")
+
+
+def _check_range(schedule: NoiseSchedule, t: np.ndarray, what: str):
+  if t.min() < 0 or t.max() > schedule.num_train_timesteps - 1:
+    raise ValueError(f"{what}: timesteps {t.min()}..{t.max()} fall outside [0, "
+                     f"{schedule.num_train_timesteps - 1}]; lower num_steps or steps_offset")
+
+
+def _trailing(n_train: int, num_steps: int) -> np.ndarray:
+  # Same values as diffusers' round(arange(N, 0, -N/n)) - 1, without arange's float-step risk of
+  # producing an extra element.
+  return np.round(n_train - np.arange(num_steps) * (n_train / num_steps)) - 1
+
+
+def ddim_timesteps(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
+  """(num_steps,) int64 model timesteps for DDIM, descending (diffusers `DDIMScheduler.set_timesteps`).
+
+  "leading" (AnimateDiff / diffusers 0.11.1): arange(n) * (N // n), reversed, + steps_offset;
+  25 steps -> 961, 921, ..., 1.
+  """
+  _check_steps(schedule, num_steps)
+  n_train = schedule.num_train_timesteps
+  if schedule.timestep_spacing == "leading":
+    t = np.arange(num_steps)[::-1] * (n_train // num_steps) + schedule.steps_offset
+  elif schedule.timestep_spacing == "trailing":
+    t = _trailing(n_train, num_steps)
+  else:
+    t = np.round(np.linspace(0, n_train - 1, num_steps))[::-1]
+  t = t.astype(np.int64)
+  _check_range(schedule, t, "ddim")
+  return t
+
+
+def ddim_tables(schedule: NoiseSchedule, num_steps: int) -> dict[str, np.ndarray]:
+  """Per-step DDIM arrays: timesteps (int32), alpha_t and alpha_prev (float32 alphas_cumprod).
+
+  The previous timestep is t - N // n whatever the spacing (as in diffusers, even where this is
+  not the next timestep of a "trailing"/"linspace" schedule); below 0 it uses the final alpha,
+  1.0 with set_alpha_to_one, else alphas_cumprod[0].
+  """
+  t = ddim_timesteps(schedule, num_steps)
+  acp = alphas_cumprod(schedule)
+  final = 1.0 if schedule.set_alpha_to_one else acp[0]
+  prev = t - schedule.num_train_timesteps // num_steps
+  alpha_prev = np.where(prev >= 0, acp[np.maximum(prev, 0)], final)
+  return {"timesteps": t.astype(np.int32), "alpha_t": acp[t].astype(np.float32),
+          "alpha_prev": alpha_prev.astype(np.float32)}
+
+
+def _predict_x0_eps(schedule: NoiseSchedule, out, x, alpha):
+  """(x0, eps) from a model output at x = sqrt(alpha) x0 + sqrt(1 - alpha) eps."""
+  sa, sb = jnp.sqrt(alpha), jnp.sqrt(1.0 - alpha)
+  if schedule.prediction_type == "epsilon":
+    return (x - sb * out) / sa, out
+  if schedule.prediction_type == "v_prediction":
+    return sa * x - sb * out, sa * out + sb * x
+  return out, (x - sa * out) / sb  # "sample"
+
+
+def ddim_step(schedule: NoiseSchedule, eps, i, x_t, tables: Mapping[str, Any], *,
+              eta: float = 0.0, key: Optional[jax.Array] = None, noise=None):
+  """One DDIM update x_t -> x_prev at step number `i` (may be traced) of `ddim_tables(...)`.
+
+  `eps` is the model output (epsilon, or v / x0 per `schedule.prediction_type`). With eta > 0
+  (a Python float) pass `key` or the standard-normal `noise` itself. Computes in float32 and
+  returns x_t's dtype.
+  """
+  dtype = x_t.dtype
+  x = x_t.astype(jnp.float32)
+  out = eps.astype(jnp.float32)
+  a_t = jnp.asarray(tables["alpha_t"], jnp.float32)[i]
+  a_prev = jnp.asarray(tables["alpha_prev"], jnp.float32)[i]
+  x0, pred_eps = _predict_x0_eps(schedule, out, x, a_t)
+  if schedule.clip_sample:
+    # diffusers clips x0 only; the direction term keeps the unclipped eps.
+    x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+  var = jnp.zeros((), jnp.float32)
+  if eta:
+    # sigma_t(eta)^2 of DDIM eq. 16; zero at the last step when alpha_prev is 1.
+    var = eta * eta * (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+  x_prev = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev - var) * pred_eps
+  if eta:
+    if noise is None:
+      if key is None:
+        raise ValueError("ddim_step: eta > 0 needs a PRNG `key` (or `noise`)")
+      noise = jax.random.normal(key, x.shape, jnp.float32)
+    x_prev = x_prev + jnp.sqrt(var) * noise.astype(jnp.float32)
+  return x_prev.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Euler and DPM-Solver++ tables
+
+
+def _sigmas_train(schedule: NoiseSchedule) -> np.ndarray:
+  acp = alphas_cumprod(schedule)
+  return np.sqrt((1.0 - acp) / acp)
+
+
+def euler_tables(schedule: NoiseSchedule, num_steps: int) -> dict[str, np.ndarray]:
+  """`EulerDiscreteScheduler` (default interpolation, no Karras, final sigma 0): float32
+  timesteps (fractional with "linspace"), sigmas (num_steps + 1) linearly interpolated in t."""
+  _check_steps(schedule, num_steps)
+  n_train = schedule.num_train_timesteps
+  if schedule.timestep_spacing == "leading":
+    t = (np.arange(num_steps)[::-1] * (n_train // num_steps)).astype(np.float32) + schedule.steps_offset
+  elif schedule.timestep_spacing == "trailing":
+    t = _trailing(n_train, num_steps).astype(np.float32)
+  else:  # no rounding here, unlike DDIM
+    t = np.linspace(0, n_train - 1, num_steps, dtype=np.float32)[::-1].copy()
+  _check_range(schedule, t, "euler")
+  s = np.interp(t.astype(np.float64), np.arange(n_train), _sigmas_train(schedule))
+  return {"timesteps": t.astype(np.float32),
+          "sigmas": np.concatenate([s, [0.0]]).astype(np.float32)}
+
+
+def dpm_timesteps(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
+  """(num_steps,) int64 timesteps of `DPMSolverMultistepScheduler`. Its "leading" and "linspace"
+  use num_steps + 1 points and drop the last, so they differ from DDIM's (25 leading steps:
+  951, 913, ..., 39 instead of 961, ..., 1)."""
+  _check_steps(schedule, num_steps)
+  n_train = schedule.num_train_timesteps
+  if schedule.timestep_spacing == "leading":
+    t = (np.arange(num_steps + 1)[::-1] * (n_train // (num_steps + 1)))[:-1] + schedule.steps_offset
+  elif schedule.timestep_spacing == "trailing":
+    t = _trailing(n_train, num_steps)
+  else:
+    t = np.round(np.linspace(0, n_train - 1, num_steps + 1))[::-1][:-1]
+  t = t.astype(np.int64)
+  _check_range(schedule, t, "dpmpp_2m")
+  return t
+
+
+def dpm_tables(schedule: NoiseSchedule, num_steps: int) -> dict[str, np.ndarray]:
+  """DPM-Solver++ (2M, midpoint, lower_order_final, final sigma 0) as per-step coefficients.
+
+  With sigma = sqrt((1 - acp) / acp), alpha = 1 / sqrt(1 + sigma^2), s = sigma * alpha and
+  lambda = -log(sigma), step i maps x and the data predictions m0 = x0_i, m1 = x0_{i-1} to
+      x' = cx * x + c0 * m0 + c1 * (m0 - m1).
+  Precomputing keeps the final step (sigma 0, lambda = inf) free of inf/nan inside the jitted
+  loop: exp(-h) = sigma_next / sigma_i exactly. First order at step 0 and at the last step.
+  """
+  t = dpm_timesteps(schedule, num_steps)
+  sig = np.concatenate([_sigmas_train(schedule)[t].astype(np.float32), [0.0]]).astype(np.float64)
+  alpha = 1.0 / np.sqrt(1.0 + sig ** 2)
+  s = sig * alpha
+  cx, c0, c1 = (np.zeros(num_steps) for _ in range(3))
+  for i in range(num_steps):
+    cx[i] = s[i + 1] / s[i]
+    c0[i] = alpha[i + 1] * (1.0 - sig[i + 1] / sig[i])  # -alpha_t (exp(-h) - 1)
+    if 0 < i < num_steps - 1:
+      r0 = np.log(sig[i - 1] / sig[i]) / np.log(sig[i] / sig[i + 1])  # h_{i-1} / h_i
+      c1[i] = 0.5 * c0[i] / r0
+  f32 = lambda a: a.astype(np.float32)
+  return {"timesteps": t.astype(np.int32), "alpha": f32(alpha[:-1]), "sigma_t": f32(s[:-1]),
+          "cx": f32(cx), "c0": f32(c0), "c1": f32(c1)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Common sampler interface
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sampler:
+  """A sampler for a fixed number of steps. Build it with `make_sampler`.
+
+  Loop (python or inside jit/scan, `i` may be traced):
+      x = noise * sampler.init_noise_sigma; state = sampler.init_state(x.shape)
+      for i in range(sampler.num_steps):
+        eps = model(sampler.scale_model_input(state, x, i), sampler.timestep(i))
+        x, state = sampler.step(state, eps, i, x)
+  `eq=False`: hashable by identity, so it can also be a static jit argument.
+  """
+  name: str
+  schedule: NoiseSchedule
+  num_steps: int
+  timesteps: np.ndarray  # model timesteps, one per step
+  init_noise_sigma: float
+  tables: Mapping[str, np.ndarray]
+  eta: float = 0.0
+
+  def init_state(self, latents_shape, dtype=jnp.float32, key: Optional[jax.Array] = None) -> Pytree:
+    """Scan-carry state: {} (DDIM eta 0, Euler), {"key"} (DDIM eta > 0), {"prev_x0"} (DPM++ 2M)."""
+    if self.name == "dpmpp_2m":
+      return {"prev_x0": jnp.zeros(latents_shape, jnp.float32)}
+    if self.name == "ddim" and self.eta:
+      if key is None:
+        raise ValueError("ddim with eta > 0 needs init_state(..., key=PRNGKey)")
+      return {"key": key}
+    return {}
+
+  def timestep(self, i):
+    """Model timestep at step i (int32 for DDIM / DPM++, float32 for Euler)."""
+    return jnp.asarray(self.timesteps)[i]
+
+  def scale_model_input(self, state: Pytree, x, i):
+    del state
+    if self.name != "euler":
+      return x
+    sigma = jnp.asarray(self.tables["sigmas"])[i]
+    return (x.astype(jnp.float32) / jnp.sqrt(sigma * sigma + 1.0)).astype(x.dtype)
+
+  def step(self, state: Pytree, eps, i, x):
+    """x at step i -> x at step i + 1; returns (x, state)."""
+    if self.name == "ddim":
+      if self.eta:
+        key, sub = jax.random.split(state["key"])
+        return ddim_step(self.schedule, eps, i, x, self.tables, eta=self.eta, key=sub), {"key": key}
+      return ddim_step(self.schedule, eps, i, x, self.tables), state
+    if self.name == "euler":
+      return _euler_step(self.schedule, eps, i, x, self.tables), state
+    return _dpm_step(self.schedule, state, eps, i, x, self.tables)
+
+
+def _euler_step(schedule: NoiseSchedule, out, i, x_in, tables):
+  sigmas = jnp.asarray(tables["sigmas"])
+  sigma, sigma_next = sigmas[i], sigmas[i + 1]
+  x, out = x_in.astype(jnp.float32), out.astype(jnp.float32)
+  if schedule.prediction_type == "epsilon":
+    d = out  # (x - x0) / sigma with x0 = x - sigma * eps
+  else:
+    if schedule.prediction_type == "v_prediction":
+      x0 = out * (-sigma / jnp.sqrt(sigma * sigma + 1.0)) + x / (sigma * sigma + 1.0)
+    else:
+      x0 = out
+    d = (x - x0) / sigma
+  return (x + d * (sigma_next - sigma)).astype(x_in.dtype)
+
+
+def _dpm_step(schedule: NoiseSchedule, state, out, i, x_in, tables):
+  tab = {k: jnp.asarray(v)[i] for k, v in tables.items() if k != "timesteps"}
+  x, out = x_in.astype(jnp.float32), out.astype(jnp.float32)
+  alpha, s = tab["alpha"], tab["sigma_t"]
+  if schedule.prediction_type == "epsilon":
+    x0 = (x - s * out) / alpha
+  elif schedule.prediction_type == "v_prediction":
+    x0 = alpha * x - s * out
+  else:
+    x0 = out
+  if schedule.clip_sample:
+    x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+  x_next = tab["cx"] * x + tab["c0"] * x0 + tab["c1"] * (x0 - state["prev_x0"])
+  return x_next.astype(x_in.dtype), {"prev_x0": x0}
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, eta: float = 0.0) -> Sampler:
+  """Sampler "ddim" | "euler" | "dpmpp_2m" for `num_steps` steps (eta: DDIM only)."""
+  if name not in SAMPLERS:
+    raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+  if eta < 0:
+    raise ValueError(f"eta must be >= 0, got {eta}")
+  if eta and name != "ddim":
+    raise ValueError(f"eta is only supported by ddim, not {name!r}")
+  if name == "ddim":
+    tables = ddim_tables(schedule, num_steps)
+    sigma0 = 1.0
+  elif name == "euler":
+    tables = euler_tables(schedule, num_steps)
+    smax = float(tables["sigmas"].max())
+    # diffusers: variance-exploding x_T has std sigma_max; "leading" starts below t = N - 1, so it
+    # uses sqrt(sigma^2 + 1) there.
+    sigma0 = math.sqrt(smax * smax + 1.0) if schedule.timestep_spacing == "leading" else smax
+  else:
+    tables = dpm_tables(schedule, num_steps)
+    sigma0 = 1.0
+  return Sampler(name=name, schedule=schedule, num_steps=num_steps, timesteps=tables["timesteps"],
+                 init_noise_sigma=sigma0, tables=tables, eta=float(eta))
+
+
+def sample(sampler: Sampler, eps_fn: Callable, noise, *, key: Optional[jax.Array] = None):
+  """Whole denoising loop as one `lax.scan`: eps_fn(x_in, t) -> model output. Returns x_0.
+
+  `noise` is standard normal; it is scaled by `init_noise_sigma` here. jit the caller (or this
+  with `sampler` static / closed over).
+  """
+  x = (noise.astype(jnp.float32) * sampler.init_noise_sigma).astype(noise.dtype)
+  state = sampler.init_state(noise.shape, key=key)
+
+  def body(carry, i):
+    x, state = carry
+    eps = eps_fn(sampler.scale_model_input(state, x, i), sampler.timestep(i))
+    return sampler.step(state, eps, i, x), None
+
+  (x, _), _ = jax.lax.scan(body, (x, state), jnp.arange(sampler.num_steps))
+  return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def _at(table: np.ndarray, t, ndim: int):
+  v = jnp.asarray(table, jnp.float32)[jnp.asarray(t)]
+  return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def add_noise(schedule: NoiseSchedule, x0, noise, t):
+  """x_t = sqrt(acp_t) x0 + sqrt(1 - acp_t) noise; t (B,) int broadcast over (B, ...) arrays
+  (or a scalar t). Computes in float32, returns x0's dtype."""
+  acp = alphas_cumprod(schedule)
+  a = _at(np.sqrt(acp), t, x0.ndim)
+  b = _at(np.sqrt(1.0 - acp), t, x0.ndim)
+  return (a * x0.astype(jnp.float32) + b * noise.astype(jnp.float32)).astype(x0.dtype)
+
+
+def get_velocity(schedule: NoiseSchedule, x0, noise, t):
+  """v = sqrt(acp_t) noise - sqrt(1 - acp_t) x0 (v-prediction target)."""
+  acp = alphas_cumprod(schedule)
+  a = _at(np.sqrt(acp), t, x0.ndim)
+  b = _at(np.sqrt(1.0 - acp), t, x0.ndim)
+  return (a * noise.astype(jnp.float32) - b * x0.astype(jnp.float32)).astype(x0.dtype)
+
+
+def training_target(schedule: NoiseSchedule, x0, noise, t):
+  """What the model should predict at (x_t, t) for the schedule's prediction_type."""
+  if schedule.prediction_type == "epsilon":
+    return noise
+  if schedule.prediction_type == "v_prediction":
+    return get_velocity(schedule, x0, noise, t)
+  return x0
+
+
+def sample_timesteps(key: jax.Array, batch: int, num_train_timesteps: int = 1000):
+  """(batch,) int32 timesteps uniform in [0, num_train_timesteps) (official train.py)."""
+  return jax.random.randint(key, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
