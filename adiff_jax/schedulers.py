@@ -51,7 +51,7 @@ class NoiseSchedule:
   steps_offset: int = 1
   timestep_spacing: str = "leading"
   set_alpha_to_one: bool = True
-  clip_sample: bool = False
+  clip_sample: bool = False  # DDIM only, like diffusers
   clip_sample_range: float = 1.0
 
   def __post_init__(self):
@@ -297,7 +297,7 @@ class Sampler:
   tables: Mapping[str, np.ndarray]
   eta: float = 0.0
 
-  def init_state(self, latents_shape, dtype=jnp.float32, key: Optional[jax.Array] = None) -> Pytree:
+  def init_state(self, latents_shape, key: Optional[jax.Array] = None) -> Pytree:
     """Scan-carry state: {} (DDIM eta 0, Euler), {"key"} (DDIM eta > 0), {"prev_x0"} (DPM++ 2M)."""
     if self.name == "dpmpp_2m":
       return {"prev_x0": jnp.zeros(latents_shape, jnp.float32)}
@@ -355,8 +355,6 @@ def _dpm_step(schedule: NoiseSchedule, state, out, i, x_in, tables):
     x0 = alpha * x - s * out
   else:
     x0 = out
-  if schedule.clip_sample:
-    x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
   x_next = tab["cx"] * x + tab["c0"] * x0 + tab["c1"] * (x0 - state["prev_x0"])
   return x_next.astype(x_in.dtype), {"prev_x0": x0}
 
