@@ -104,7 +104,8 @@ class CLIPTokenizer:
       if tok not in vocab:
         raise ValueError(f"vocabulary has no {tok!r}")
     self.encoder = dict(vocab)
-    self.ranks = {tuple(m): i for i, m in enumerate(merges)}
+    self.merges = [tuple(m) for m in merges]
+    self.ranks = {m: i for i, m in enumerate(self.merges)}
     self.byte_encoder = bytes_to_unicode()
     self.bos_id = self.encoder[BOS_TOKEN]
     self.eos_id = self.encoder[EOS_TOKEN]
@@ -134,6 +135,14 @@ class CLIPTokenizer:
     with open(merges_path, encoding="utf-8") as f:
       merges = _parse_merges(f.read().split("\n"))
     return cls(vocab, merges)
+
+  def save_pretrained(self, folder: str | os.PathLike) -> None:
+    """Write `vocab.json` + `merges.txt` (transformers/diffusers format) into `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+      json.dump(self.encoder, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+      f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
 
   @property
   def vocab_size(self) -> int:
