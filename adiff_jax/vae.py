@@ -293,7 +293,7 @@ def _chunked(fn, xs, chunk_size: int):
 def _encode_frames(model, params, frames, noise, chunk_size):
   def enc(x, eps):
     post = model.apply(params, x, method=AutoencoderKL.encode)
-    z = post.mean if eps is None else post.mean + post.std * eps
+    z = post.mean if eps is None else (post.mean + post.std * eps).astype(post.mean.dtype)
     return scale_latents(z, model.config)
   if noise is None:
     return _chunked(lambda x: enc(x, None), (frames,), chunk_size)

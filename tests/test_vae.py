@@ -171,3 +171,16 @@ def test_errors(tiny):
     model.apply(params, jnp.zeros((8, 8, 3)), method=AutoencoderKL.encode)
   with pytest.raises(ValueError, match="4 channels"):
     model.apply(params, jnp.zeros((1, 4, 4, 8)), method=AutoencoderKL.decode)
+
+
+def test_bf16_compute_f32_params(tiny):
+  # Compute dtype is separate from parameter dtype: f32 params, bf16 activations.
+  model, params = tiny
+  m16 = AutoencoderKL(VAEConfig.tiny(dtype=jnp.bfloat16))
+  x = jax.random.uniform(jax.random.key(0), (1, 8, 8, 3), minval=-1, maxval=1)
+  p16, p32 = _encode(m16, params, x), _encode(model, params, x)
+  assert p16.mean.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(p16.mean, np.float32), p32.mean, atol=0.05)
+  img16, img32 = _decode(m16, params, p32.mean), _decode(model, params, p32.mean)
+  assert img16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(img16, np.float32), img32, atol=0.1)
