@@ -1,0 +1,1 @@
+"""Converters between PyTorch checkpoints (LDM, diffusers, official AnimateDiff) and Orbax."""
