@@ -72,3 +72,14 @@ def patch_base_norms_across_frames(unet: nn.Module, frames: int) -> None:
       mod.norm1 = FrameGroupNorm(mod.norm1, frames, True)
       mod.norm2 = FrameGroupNorm(mod.norm2, frames, True)
   unet.conv_norm_out = FrameGroupNorm(unet.conv_norm_out, frames, True)
+
+
+def clip_params_from_transformers(model: nn.Module) -> dict:
+  """Our CLIPTextModel params from a transformers CLIPTextModel (v5 drops the `text_model.` prefix)."""
+  sd = {(k if k.startswith("text_model.") else "text_model." + k): v
+        for k, v in to_numpy_sd(model).items() if not k.endswith("position_ids")}
+  return state_dict_to_tree(sd, embeddings=("token_embedding", "position_embedding"))
+
+
+def vae_params_from_diffusers(model: nn.Module) -> dict:
+  return state_dict_to_tree(to_numpy_sd(model))

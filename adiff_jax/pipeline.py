@@ -1,0 +1,213 @@
+"""Text-to-video sampling: tokenizer -> CLIP -> denoising loop (one jitted scan) -> VAE decode.
+
+Pure functions around `model.apply`; `Pipeline` only bundles the models, their parameters and
+the compiled loops so a second call with the same shapes does not recompile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adiff_jax.clip_text import CLIPTextConfig, CLIPTextModel
+from adiff_jax.motion_module import MotionModuleConfig
+from adiff_jax.schedulers import NoiseSchedule, SAMPLERS, make_sampler, sample
+from adiff_jax.sharding import DATA, FRAMES, make_mesh
+from adiff_jax.tokenizer import CLIPTokenizer
+from adiff_jax.unet import UNet3D, UNetConfig
+from adiff_jax.vae import AutoencoderKL, VAEConfig, decode_video
+
+Pytree = Any
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The four parts of an AnimateDiff model: image UNet (+ motion modules), text encoder, VAE."""
+  unet: UNetConfig
+  motion: Optional[MotionModuleConfig]
+  text: CLIPTextConfig
+  vae: VAEConfig
+
+  @classmethod
+  def sd15(cls, motion: str = "v3") -> "ModelConfig":
+    return cls(UNetConfig.sd15(), MotionModuleConfig.preset(motion), CLIPTextConfig.sd15(),
+               VAEConfig.sd15())
+
+  @classmethod
+  def tiny(cls) -> "ModelConfig":
+    """The built-in CPU demo model: 64x64 video, 2-level UNet, 2-layer CLIP, 3-level VAE."""
+    return cls(UNetConfig.tiny(), MotionModuleConfig.v3(num_heads=2, norm_groups=8),
+               CLIPTextConfig.tiny(), VAEConfig.tiny(block_out_channels=(32, 64, 64)))
+
+  @property
+  def latent_factor(self) -> int:
+    """Pixels per latent: the VAE's downsampling."""
+    return self.vae.downsample_factor
+
+  @property
+  def size_multiple(self) -> int:
+    """Image sizes must be multiples of this (VAE x UNet downsampling): 64 for SD1.5."""
+    return self.vae.downsample_factor * self.unet.downsample_factor
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample (defaults: the official AnimateDiff inference settings)."""
+  frames: int = 16
+  height: int = 512
+  width: int = 512
+  steps: int = 25
+  guidance_scale: float = 7.5
+  scheduler: str = "ddim"
+  eta: float = 0.0
+  clip_skip: int = 1
+  vae_chunk: int = 8
+  schedule: NoiseSchedule = NoiseSchedule.animatediff()
+
+
+class Pipeline:
+  """Bundles models, parameters and compiled loops.
+
+  params: {"unet": ..., "text_encoder": ..., "vae": ...} (plain param trees, no "params" key).
+  lora: optional "lora" collection for the UNet (MotionLoRAs / domain adapter, combined).
+  mesh: optional (data, frames) mesh; the CFG batch is sharded over `data`, frames over `frames`.
+  """
+
+  def __init__(self, config: ModelConfig, params: Pytree, *, tokenizer: Optional[CLIPTokenizer] = None,
+               lora: Optional[Pytree] = None, dtype: str = "f32", mesh=None,
+               attention_impl: Optional[str] = None):
+    for part in ("unet", "text_encoder", "vae"):
+      if part not in params:
+        raise KeyError(f"pipeline parameters lack {part!r} (have {sorted(params)})")
+    self.config = config
+    self.dtype = DTYPES[dtype]
+    self.unet = UNet3D(config.unet, config.motion, dtype=self.dtype, attention_impl=attention_impl)
+    self.text_encoder = CLIPTextModel(config.text, dtype=self.dtype)
+    self.vae = AutoencoderKL(config.vae)
+    cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, self.dtype), t)
+    self.params = {"unet": cast(params["unet"]), "text_encoder": cast(params["text_encoder"]),
+                   "vae": jax.tree.map(jnp.asarray, params["vae"])}
+    self.lora = None if lora is None else cast(lora)
+    self.tokenizer = tokenizer or CLIPTokenizer.default()
+    self.mesh = mesh
+    self._loops: dict = {}
+
+  # -- checks ---------------------------------------------------------------------------------
+  def check(self, cfg: SamplingConfig) -> None:
+    """Clear errors before anything compiles."""
+    m = self.config.size_multiple
+    if cfg.height % m or cfg.width % m or cfg.height <= 0 or cfg.width <= 0:
+      raise ValueError(f"height and width must be positive multiples of {m} for this model "
+                       f"(got {cfg.height}x{cfg.width})")
+    mm = self.config.motion
+    if mm is not None and cfg.frames > mm.max_len:
+      raise ValueError(f"{cfg.frames} frames exceed the motion module's positional encoding "
+                       f"(at most {mm.max_len} frames)")
+    if cfg.frames < 1:
+      raise ValueError("frames must be >= 1")
+    if cfg.scheduler not in SAMPLERS:
+      raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose from {SAMPLERS}")
+
+  # -- stages ---------------------------------------------------------------------------------
+  def encode_prompts(self, prompts: Sequence[str], clip_skip: int = 1) -> jax.Array:
+    """(B,) prompts -> text context (B, 77, D)."""
+    ids = jnp.asarray(self.tokenizer(list(prompts)))
+    return _encode_text(self.text_encoder, self.params["text_encoder"], ids, clip_skip)
+
+  def initial_noise(self, seeds: Sequence[int], cfg: SamplingConfig) -> jax.Array:
+    """Standard-normal latents (B, F, h, w, C), one independent stream per seed."""
+    f = self.config.latent_factor
+    shape = (cfg.frames, cfg.height // f, cfg.width // f, self.config.unet.in_channels)
+    return jnp.stack([jax.random.normal(jax.random.key(int(s)), shape, jnp.float32) for s in seeds])
+
+  def denoise(self, noise: jax.Array, cond: jax.Array, uncond: jax.Array, cfg: SamplingConfig,
+              progress: bool = True) -> jax.Array:
+    """The whole denoising loop, compiled once per (shape, scheduler, steps)."""
+    sampler = make_sampler(cfg.scheduler, cfg.schedule, cfg.steps, eta=cfg.eta)
+    key = (cfg.scheduler, cfg.steps, cfg.eta, cfg.schedule, progress)
+    if key not in self._loops:
+      self._loops[key] = _make_loop(self.unet, sampler, progress)
+    loop = self._loops[key]
+    args = (self.params["unet"], self.lora, noise, cond, uncond,
+            jnp.float32(cfg.guidance_scale), jax.random.key(0))
+    if self.mesh is None:
+      return loop(*args)
+    with jax.set_mesh(self.mesh):
+      return loop(*args)
+
+  def decode(self, latents: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Latents (B, F, h, w, 4) -> frames (B, F, H, W, 3) in [0, 1], decoded in frame chunks."""
+    x = decode_video(self.vae, {"params": self.params["vae"]}, latents.astype(jnp.float32),
+                     chunk_size=cfg.vae_chunk)
+    return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+  def __call__(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]] = None,
+               seeds: Sequence[int] = (0,), cfg: SamplingConfig = SamplingConfig(),
+               noise: Optional[jax.Array] = None, progress: bool = True) -> np.ndarray:
+    """Prompts -> frames (B, F, H, W, 3) float32 in [0, 1]. One sample per (prompt, seed) pair."""
+    self.check(cfg)
+    prompts = list(prompts)
+    negative = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
+    if len(negative) != len(prompts) or len(seeds) != len(prompts):
+      raise ValueError(f"need one negative prompt and one seed per prompt: got {len(prompts)} "
+                       f"prompts, {len(negative)} negative prompts, {len(seeds)} seeds")
+    cond = self.encode_prompts(prompts, cfg.clip_skip)
+    uncond = self.encode_prompts(negative, cfg.clip_skip)
+    if noise is None:
+      noise = self.initial_noise(seeds, cfg)
+    latents = self.denoise(noise, cond, uncond, cfg, progress)
+    if not bool(jnp.isfinite(latents).all()):
+      raise FloatingPointError(
+          "the denoising loop produced NaN/inf latents (a black video otherwise). Try --dtype f32, "
+          "check that the checkpoint converted cleanly (python -m convert_weights inspect ...), "
+          "or lower the guidance scale / LoRA alphas.")
+    return np.asarray(self.decode(latents, cfg))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "clip_skip"))
+def _encode_text(model, params, ids, clip_skip):
+  return model.apply({"params": params}, ids, clip_skip=clip_skip)
+
+
+def _make_loop(unet: UNet3D, sampler, progress: bool):
+  """Jitted (unet_params, lora, noise, cond, uncond, guidance, key) -> latents."""
+  pbar = _ProgressBar(sampler.num_steps) if progress else None
+
+  def loop(params, lora, noise, cond, uncond, guidance, key):
+    variables = {"params": params} if lora is None else {"params": params, "lora": lora}
+    ctx = jnp.concatenate([uncond, cond]).astype(unet.dtype)   # (2B, 77, D): CFG in one batch
+
+    def eps_fn(x, t):
+      if pbar is not None:
+        jax.debug.callback(pbar.update, t)
+      xx = jnp.concatenate([x, x]).astype(unet.dtype)          # (2B, F, h, w, C)
+      out = unet.apply(variables, xx, jnp.broadcast_to(t, (xx.shape[0],)), ctx)
+      e_uncond, e_cond = jnp.split(out.astype(jnp.float32), 2)
+      return e_uncond + guidance * (e_cond - e_uncond)
+
+    return sample(sampler, eps_fn, noise, key=key if sampler.eta else None)
+
+  return jax.jit(loop)
+
+
+class _ProgressBar:
+  """tqdm on the host, advanced from inside the compiled loop by `jax.debug.callback`."""
+
+  def __init__(self, total: int):
+    self.total, self.bar = total, None
+
+  def update(self, t):
+    from tqdm.auto import tqdm
+    if self.bar is None or self.bar.n >= self.total:
+      if self.bar is not None:
+        self.bar.close()
+      self.bar = tqdm(total=self.total, desc="denoising", unit="step", leave=False)
+    self.bar.update(1)
+    self.bar.set_postfix(t=int(t))
+    if self.bar.n >= self.total:
+      self.bar.close()
