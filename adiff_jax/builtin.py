@@ -1,0 +1,66 @@
+"""The built-in tiny model that `python sample.py` uses when no checkpoint is given."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from adiff_jax.clip_text import CLIPTextModel
+from adiff_jax.pipeline import ModelConfig
+from adiff_jax.unet import UNet3D
+from adiff_jax.vae import AutoencoderKL
+
+
+def param_shapes(config: ModelConfig) -> dict:
+  """Parameter shapes of every part, without compiling or allocating anything."""
+  unet = UNet3D(config.unet, config.motion)
+  f = config.unet.downsample_factor
+  v = config.vae.downsample_factor
+  key = jax.random.key(0)
+  return {
+      "unet": jax.eval_shape(unet.init, key, jnp.zeros((1, 2, f, f, config.unet.in_channels)),
+                             jnp.zeros((1,)), jnp.zeros((1, 1, config.unet.cross_attention_dim)))["params"],
+      "text_encoder": jax.eval_shape(CLIPTextModel(config.text).init, key,
+                                     jnp.zeros((1, 2), jnp.int32))["params"],
+      "vae": jax.eval_shape(AutoencoderKL(config.vae).init, key,
+                            jnp.zeros((1, v, v, config.vae.in_channels)))["params"],
+  }
+
+
+def random_params(config: ModelConfig, seed: int = 0) -> dict:
+  """Random parameters for every part, made in numpy (no compile: seconds, not minutes).
+
+  Kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 0.02), norms at identity, biases zero, and the
+  motion modules' proj_out zero (a fresh motion module leaves the image model unchanged).
+  """
+  rng = np.random.default_rng(seed)
+  out = {}
+  for part, shapes in param_shapes(config).items():
+    flat = {}
+    for path, s in traverse_util.flatten_dict(shapes).items():
+      name = path[-1]
+      if name == "kernel" and not ("proj_out" in path and any("motion_modules" in p for p in path)):
+        a = rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))
+      elif name == "embedding":
+        a = rng.standard_normal(s.shape) * 0.02
+      elif name == "scale":
+        a = np.ones(s.shape)
+      else:
+        a = np.zeros(s.shape)
+      flat[path] = a.astype(np.float32)
+    out[part] = traverse_util.unflatten_dict(flat)
+  return out
+
+
+def load_builtin():
+  """(ModelConfig, params, description) of the built-in demo model.
+
+  Random weights until a trained tiny checkpoint ships: said plainly, since its videos are noise.
+  """
+  config = ModelConfig.tiny()
+  desc = ("built-in tiny model with RANDOM weights (no download; the output is noise, not a "
+          "real animation: pass --ckpt for a real model)")
+  return config, random_params(config, seed=0), desc

@@ -1,0 +1,318 @@
+"""Text-to-video sampling with AnimateDiff in JAX.
+
+  python sample.py                                   # built-in tiny demo model, no download
+  python sample.py --ckpt converted_dir --prompt "a cat walking, best quality"
+  python sample.py --ckpt model.safetensors --motion-module mm_sd_v15_v2.ckpt --prompt "..."
+  python sample.py --config configs/prompts/example.yaml   # official prompt-config format
+
+--ckpt is an Orbax directory made by `python -m convert_weights to-orbax`, or PyTorch files
+(LDM single file / diffusers folder), converted on the fly and cached (a message says where).
+Writes one GIF and one MP4 per sample, a grid GIF of all samples and the resolved config (YAML).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import time
+import warnings
+from typing import Any, Optional
+
+import numpy as np
+
+# Official prompt-config keys we understand; controlnet (SparseCtrl) ones are refused.
+CONFIG_KEYS = {"dreambooth_path", "lora_model_path", "lora_alpha", "inference_config",
+               "motion_module", "motion_module_lora_configs", "adapter_lora_path",
+               "adapter_lora_scale", "seed", "steps", "guidance_scale", "prompt", "n_prompt",
+               "W", "H", "L", "scheduler", "fps"}
+UNSUPPORTED_PREFIX = "controlnet"
+DEFAULT_NEGATIVE = ""
+
+
+def _path_value(spec: str, default: float) -> tuple[str, float]:
+  """'file.ckpt:0.8' -> ('file.ckpt', 0.8); a Windows-style or plain path keeps the default."""
+  m = re.match(r"^(.*):([-+]?[0-9]*\.?[0-9]+)$", spec)
+  return (m.group(1), float(m.group(2))) if m else (spec, default)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--ckpt", help="Orbax model dir, LDM .safetensors/.ckpt or diffusers folder "
+                  "(default: the built-in tiny demo model)")
+  ap.add_argument("--motion-module", help="motion module file (.ckpt/.safetensors/diffusers) if "
+                  "--ckpt does not contain one")
+  ap.add_argument("--prompt", action="append", help="prompt (repeatable)")
+  ap.add_argument("--negative-prompt", default=None, help="negative prompt for every sample")
+  ap.add_argument("--frames", type=int, default=16)
+  ap.add_argument("--height", type=int, default=None, help="default 512 (64 for the built-in model)")
+  ap.add_argument("--width", type=int, default=None, help="default 512 (64 for the built-in model)")
+  ap.add_argument("--steps", type=int, default=25)
+  ap.add_argument("--guidance-scale", type=float, default=7.5)
+  ap.add_argument("--seed", type=int, nargs="+", default=[-1], help="one or one per sample; -1 = random")
+  ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+  ap.add_argument("--scheduler", default="ddim", choices=["ddim", "euler", "dpmpp_2m"])
+  ap.add_argument("--motion-lora", action="append", default=[], metavar="PATH[:ALPHA]")
+  ap.add_argument("--domain-adapter", metavar="PATH[:SCALE]")
+  ap.add_argument("--lora", action="append", default=[], metavar="PATH[:ALPHA]",
+                  help="kohya/A1111 LoRA merged into the UNet and text encoder (default alpha 0.8)")
+  ap.add_argument("--clip-skip", type=int, default=1)
+  ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+  ap.add_argument("--out", default="outputs", help="output folder (a timestamped subfolder is made)")
+  ap.add_argument("--fps", type=int, default=8)
+  ap.add_argument("--config", help="official AnimateDiff prompt-config YAML")
+  ap.add_argument("--mesh-frames", type=int, default=1, help="devices along the frames axis")
+  ap.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "adiff_jax"))
+  return ap.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def _cache_key(*parts) -> str:
+  h = hashlib.sha256()
+  for p in parts:
+    if isinstance(p, str) and os.path.exists(p):
+      st = os.stat(p)
+      p = f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}"
+    h.update(json.dumps(p, default=str).encode())
+  return h.hexdigest()[:16]
+
+
+def _is_model_dir(path: Optional[str]) -> bool:
+  return bool(path) and os.path.isfile(os.path.join(path, "metadata.json"))
+
+
+def _convert(cache_dir: str, **kw) -> str:
+  """PyTorch files -> cached Orbax dir (converted once; later runs reuse it)."""
+  from convert_weights.pipeline import to_orbax
+  out = os.path.join(cache_dir, "converted", _cache_key(sorted(kw.items())))
+  if _is_model_dir(out):
+    print(f"using cached conversion {out}")
+  else:
+    print(f"converting PyTorch weights to Orbax once; cached at {out}")
+    to_orbax(out, **kw)
+  return out
+
+
+def load_model(args) -> tuple[Any, dict, Optional[dict], str]:
+  """(ModelConfig, params {unet, text_encoder, vae}, combined LoRA tree or None, description)."""
+  from adiff_jax import lora as lora_lib
+  from adiff_jax.pipeline import ModelConfig
+  from convert_weights import orbax_io
+
+  if not args.ckpt:
+    if args.motion_module or args.motion_lora or args.domain_adapter or args.lora:
+      raise SystemExit("error: --motion-module/--motion-lora/--domain-adapter/--lora need --ckpt")
+    from adiff_jax.builtin import load_builtin
+    cfg, params, desc = load_builtin()
+    return cfg, params, None, desc
+
+  if not os.path.exists(args.ckpt):
+    raise SystemExit(f"error: checkpoint not found: {args.ckpt}")
+  loras = [_path_value(s, 0.8) for s in args.lora]
+  mloras = [_path_value(s, 1.0) for s in args.motion_lora]
+  adapter = _path_value(args.domain_adapter, 1.0) if args.domain_adapter else None
+  for p in [args.motion_module] + [p for p, _ in loras + mloras] + ([adapter[0]] if adapter else []):
+    if p and not os.path.exists(p):
+      raise SystemExit(f"error: file not found: {p}")
+
+  model_dir = args.ckpt
+  if not _is_model_dir(model_dir) or loras:
+    if _is_model_dir(model_dir):
+      raise SystemExit("error: --lora (kohya) is merged at conversion time: give the PyTorch base "
+                       "model, or convert with `python -m convert_weights to-orbax --lora ...`")
+    model_dir = _convert(args.cache_dir, base_path=args.ckpt, loras=loras)
+  items, meta = orbax_io.load_model_dir(model_dir)
+  extra_items, extra_meta = {}, {}
+  if args.motion_module or mloras or adapter:
+    side = _convert(args.cache_dir, motion_module=args.motion_module, motion_loras=mloras,
+                    domain_adapter=adapter)
+    extra_items, extra_meta = orbax_io.load_model_dir(side)
+
+  for need in ("unet", "text_encoder", "vae"):
+    if need not in items:
+      raise SystemExit(f"error: {model_dir} has no {need!r} (items: {sorted(items)}); sampling "
+                       "needs a full base model")
+  mm_items = extra_items.get("motion_module", items.get("motion_module"))
+  mm_meta = extra_meta if "motion_module" in extra_items else meta
+  if mm_items is None:
+    raise SystemExit("error: no motion module: pass --motion-module or a --ckpt converted with one")
+  unet = _deep_merge(items["unet"], mm_items)
+  cfg = ModelConfig(orbax_io.unet_config_from_meta(meta), orbax_io.motion_config_from_meta(mm_meta),
+                    orbax_io.text_config_from_meta(meta), orbax_io.vae_config_from_meta(meta))
+  adapters = []
+  for src in (items, extra_items):
+    for name, tree in src.items():
+      if name.startswith("motion_lora") or name == "domain_adapter":
+        adapters.append((tree, 1.0))   # alphas / scales are stored in each LoRA's `scale`
+  lora = lora_lib.combine_loras(adapters) if adapters else None
+  version = mm_meta.get("versions", {}).get("motion_module", "?")
+  return cfg, {"unet": unet, "text_encoder": items["text_encoder"], "vae": items["vae"]}, lora, \
+      f"{args.ckpt} + motion module {version}"
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt configs (official YAML format)
+
+
+def read_prompt_config(path: str) -> list[dict]:
+  import yaml
+  if not os.path.isfile(path):
+    raise SystemExit(f"error: config file not found: {path}")
+  try:
+    with open(path) as f:
+      data = yaml.safe_load(f)
+  except yaml.YAMLError as e:
+    raise SystemExit(f"error: cannot read YAML {path}: {e}")
+  entries = data if isinstance(data, list) else list(data.values()) if isinstance(data, dict) else None
+  if not entries or not all(isinstance(e, dict) for e in entries):
+    raise SystemExit(f"error: {path}: expected a list of entries (or a mapping of named entries)")
+  for i, e in enumerate(entries):
+    bad = [k for k in e if k.startswith(UNSUPPORTED_PREFIX)]
+    if bad:
+      raise SystemExit(f"error: {path} entry {i}: {', '.join(bad)}: SparseCtrl/ControlNet is not "
+                       "supported yet")
+    unknown = sorted(set(e) - CONFIG_KEYS)
+    if unknown:
+      warnings.warn(f"{path} entry {i}: ignoring unknown keys {unknown}")
+  return entries
+
+
+def entry_to_args(entry: dict, base: argparse.Namespace) -> argparse.Namespace:
+  a = argparse.Namespace(**vars(base))
+  a.ckpt = entry.get("dreambooth_path") or base.ckpt
+  mm = entry.get("motion_module")
+  a.motion_module = (mm[0] if isinstance(mm, list) else mm) or base.motion_module
+  if entry.get("lora_model_path"):
+    a.lora = [f"{entry['lora_model_path']}:{entry.get('lora_alpha', 0.8)}"]
+  a.motion_lora = [f"{c['path']}:{c.get('alpha', 1.0)}" for c in entry.get("motion_module_lora_configs") or []]
+  if entry.get("adapter_lora_path"):
+    a.domain_adapter = f"{entry['adapter_lora_path']}:{entry.get('adapter_lora_scale', 1.0)}"
+  prompts = entry.get("prompt") or base.prompt or [""]
+  a.prompt = [prompts] if isinstance(prompts, str) else list(prompts)
+  n = entry.get("n_prompt", [base.negative_prompt or DEFAULT_NEGATIVE])
+  n = [n] if isinstance(n, str) else list(n)
+  a.negative = n * len(a.prompt) if len(n) == 1 else n
+  seed = entry.get("seed", base.seed)
+  a.seed = [seed] if isinstance(seed, int) else list(seed)
+  a.steps = entry.get("steps", base.steps)
+  a.guidance_scale = entry.get("guidance_scale", base.guidance_scale)
+  a.width = entry.get("W", base.width)
+  a.height = entry.get("H", base.height)
+  a.frames = entry.get("L", base.frames)
+  a.scheduler = entry.get("scheduler", base.scheduler)
+  a.inference_config = entry.get("inference_config")
+  return a
+
+
+def schedule_from_inference_config(path: Optional[str]):
+  """noise_scheduler_kwargs of an official inference config (missing file: the official defaults)."""
+  from adiff_jax.schedulers import NoiseSchedule
+  sched = NoiseSchedule.animatediff()
+  if not path:
+    return sched
+  if not os.path.isfile(path):
+    warnings.warn(f"inference_config {path} not found: using the official DDIM defaults")
+    return sched
+  import yaml
+  with open(path) as f:
+    kw = (yaml.safe_load(f) or {}).get("noise_scheduler_kwargs", {})
+  fields = {f.name for f in dataclasses.fields(NoiseSchedule)}
+  return dataclasses.replace(sched, **{k: v for k, v in kw.items() if k in fields})
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, out_dir: str) -> list[str]:
+  import jax
+  from adiff_jax.pipeline import Pipeline, SamplingConfig
+  from adiff_jax.sharding import make_mesh
+  from adiff_jax.video_io import grid, save_gif, save_mp4, to_uint8
+
+  cfg, params, lora, desc = load_model(args)
+  builtin = not args.ckpt
+  h = args.height or (64 if builtin else 512)
+  w = args.width or (64 if builtin else 512)
+  prompts = list(args.prompt or (["a red circle moving left"] if builtin else [""]))
+  negative = getattr(args, "negative", None) or [args.negative_prompt or DEFAULT_NEGATIVE] * len(prompts)
+  n = args.num_samples
+  prompts = [p for p in prompts for _ in range(n)]
+  negative = [q for q in negative for _ in range(n)]
+  seeds = list(args.seed)
+  if len(seeds) == 1:
+    seeds = seeds * len(prompts) if seeds[0] != -1 else [-1] * len(prompts)
+  if len(seeds) != len(prompts):
+    raise SystemExit(f"error: {len(seeds)} seeds for {len(prompts)} samples")
+  seeds = [s if s != -1 else random.randrange(2**31) for s in seeds]
+  sc = SamplingConfig(frames=args.frames, height=h, width=w, steps=args.steps,
+                      guidance_scale=args.guidance_scale, scheduler=args.scheduler,
+                      clip_skip=args.clip_skip,
+                      schedule=schedule_from_inference_config(getattr(args, "inference_config", None)))
+  mesh = None
+  if len(jax.devices()) > 1:
+    mesh = make_mesh(frames=args.mesh_frames)
+  pipe = Pipeline(cfg, params, lora=lora, dtype=args.dtype, mesh=mesh)
+  pipe.check(sc)
+  print(f"model: {desc}")
+  print(f"sampling {len(prompts)} video(s): {sc.frames} frames {h}x{w}, {sc.steps} {sc.scheduler} "
+        f"steps, guidance {sc.guidance_scale}, dtype {args.dtype}, seeds {seeds}")
+  t0 = time.perf_counter()
+  try:
+    frames = to_uint8(pipe(prompts, negative, seeds, sc))
+  except FloatingPointError as e:
+    raise SystemExit(f"error: {e}")
+  print(f"done in {time.perf_counter() - t0:.1f} s (including compilation)")
+
+  os.makedirs(os.path.join(out_dir, "sample"), exist_ok=True)
+  written = []
+  for i, (p, s, v) in enumerate(zip(prompts, seeds, frames)):
+    stem = os.path.join(out_dir, "sample", f"{i}-{_slug(p)}-seed{s}")
+    written += [save_gif(v, stem + ".gif", args.fps), save_mp4(v, stem + ".mp4", args.fps)]
+  written.append(save_gif(grid(list(frames)), os.path.join(out_dir, "sample.gif"), args.fps))
+  resolved = dict(ckpt=args.ckpt or "builtin:tiny", motion_module=args.motion_module,
+                  motion_lora=args.motion_lora, domain_adapter=args.domain_adapter, lora=args.lora,
+                  prompt=prompts, n_prompt=negative, seed=seeds, steps=sc.steps,
+                  guidance_scale=sc.guidance_scale, scheduler=sc.scheduler, W=w, H=h, L=sc.frames,
+                  dtype=args.dtype, fps=args.fps, clip_skip=sc.clip_skip,
+                  noise_scheduler_kwargs={k: v for k, v in dataclasses.asdict(sc.schedule).items()})
+  import yaml
+  cfg_path = os.path.join(out_dir, "config.yaml")
+  with open(cfg_path, "w") as f:
+    yaml.safe_dump(resolved, f, sort_keys=False)
+  written.append(cfg_path)
+  return written
+
+
+def _slug(text: str, n: int = 40) -> str:
+  return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:n] or "empty"
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  out_dir = os.path.join(args.out, time.strftime("sample-%Y%m%d-%H%M%S"))
+  runs = [args]
+  if args.config:
+    runs = [entry_to_args(e, args) for e in read_prompt_config(args.config)]
+  written = []
+  for i, a in enumerate(runs):
+    written += run(a, out_dir if len(runs) == 1 else os.path.join(out_dir, str(i)))
+  print("wrote:\n  " + "\n  ".join(written))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
