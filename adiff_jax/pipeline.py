@@ -123,7 +123,7 @@ class Pipeline:
     """Standard-normal latents (B, F, h, w, C), one independent stream per seed."""
     f = self.config.latent_factor
     shape = (cfg.frames, cfg.height // f, cfg.width // f, self.config.unet.in_channels)
-    return jnp.stack([jax.random.normal(jax.random.key(int(s)), shape, jnp.float32) for s in seeds])
+    return jnp.stack([jax.random.normal(seed_key(s), shape, jnp.float32) for s in seeds])
 
   def denoise(self, noise: jax.Array, cond: jax.Array, uncond: jax.Array, cfg: SamplingConfig,
               progress: bool = True) -> jax.Array:
@@ -167,6 +167,14 @@ class Pipeline:
           "check that the checkpoint converted cleanly (python -m convert_weights inspect ...), "
           "or lower the guidance scale / LoRA alphas.")
     return np.asarray(self.decode(latents, cfg))
+
+
+def seed_key(seed: int) -> jax.Array:
+  """PRNG key of a user seed; seeds up to 2**64 (the official configs use such) stay distinct."""
+  seed = int(seed)
+  if not 0 <= seed < 2**64:
+    raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+  return jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), seed >> 32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "clip_skip"))

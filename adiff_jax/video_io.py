@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -25,13 +25,13 @@ def save_mp4(frames: np.ndarray, path: str, fps: int = 8) -> str:
   import imageio.v2 as iio2
   f, h, w, _ = frames.shape
   frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-  import warnings
-  with warnings.catch_warnings(), iio2.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                       pixelformat="yuv420p", macro_block_size=1) as w_:
-    # imageio forks ffmpeg; the fork is exec'd at once, so JAX's fork warning does not apply.
+  with warnings.catch_warnings():
+    # imageio forks ffmpeg and execs it at once, so JAX's fork warning does not apply.
     warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
-    for fr in frames:
-      w_.append_data(fr)
+    with iio2.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                         pixelformat="yuv420p", macro_block_size=1) as writer:
+      for fr in frames:
+        writer.append_data(fr)
   return path
 
 

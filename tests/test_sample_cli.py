@@ -1,0 +1,105 @@
+"""sample.py end to end on the built-in tiny model, prompt-config YAML handling and bad input."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sample  # noqa: E402
+from adiff_jax.video_io import read_video  # noqa: E402
+
+FAST = ["--frames", "4", "--steps", "2", "--height", "32", "--width", "32"]
+
+
+def _outputs(out):
+  (run,) = os.listdir(out)
+  return os.path.join(out, run)
+
+
+def test_builtin_default_writes_gif_mp4_grid_and_config(tmp_path, capsys):
+  assert sample.main(FAST + ["--seed", "3", "--num-samples", "2", "--out", str(tmp_path)]) == 0
+  log = capsys.readouterr().out
+  assert "RANDOM weights" in log
+  run = _outputs(tmp_path)
+  files = sorted(os.listdir(os.path.join(run, "sample")))
+  assert len([f for f in files if f.endswith(".gif")]) == 2
+  assert len([f for f in files if f.endswith(".mp4")]) == 2
+  gif = read_video(os.path.join(run, "sample", files[0]))
+  assert gif.shape == (4, 32, 32, 3)
+  mp4 = read_video(os.path.join(run, "sample", [f for f in files if f.endswith(".mp4")][0]))
+  assert mp4.shape == (4, 32, 32, 3)
+  grid = read_video(os.path.join(run, "sample.gif"))
+  assert grid.shape[0] == 4 and grid.shape[2] > 64
+  cfg = yaml.safe_load(open(os.path.join(run, "config.yaml")))
+  assert cfg["seed"] == [3, 3] and cfg["L"] == 4 and cfg["steps"] == 2
+  assert cfg["noise_scheduler_kwargs"]["beta_schedule"] == "linear"
+
+
+def test_same_seed_same_video_different_seed_differs(tmp_path):
+  out = []
+  for i, seed in enumerate(["5", "5", "6"]):
+    d = tmp_path / str(i)
+    sample.main(FAST + ["--seed", seed, "--out", str(d)])
+    run = _outputs(d)
+    gif = [f for f in os.listdir(os.path.join(run, "sample")) if f.endswith(".gif")][0]
+    out.append(read_video(os.path.join(run, "sample", gif)))
+  np.testing.assert_array_equal(out[0], out[1])
+  assert np.abs(out[0].astype(int) - out[2].astype(int)).max() > 0
+
+
+def test_prompt_config_yaml(tmp_path):
+  cfg = tmp_path / "p.yaml"
+  cfg.write_text(textwrap.dedent("""
+      - prompt: ["a red circle moving left", "a blue square moving up"]
+        n_prompt: ["blurry"]
+        seed: [1, 2]
+        steps: 2
+        guidance_scale: 5.0
+        W: 32
+        H: 32
+        L: 4
+        some_new_key: 1
+  """))
+  with pytest.warns(UserWarning, match="some_new_key"):
+    assert sample.main(["--config", str(cfg), "--out", str(tmp_path / "o")]) == 0
+  run = _outputs(tmp_path / "o")
+  resolved = yaml.safe_load(open(os.path.join(run, "config.yaml")))
+  assert resolved["prompt"] == ["a red circle moving left", "a blue square moving up"]
+  assert resolved["n_prompt"] == ["blurry", "blurry"] and resolved["guidance_scale"] == 5.0
+  assert resolved["seed"] == [1, 2]
+
+
+def test_prompt_config_errors(tmp_path):
+  ctl = tmp_path / "c.yaml"
+  ctl.write_text("- prompt: [x]\n  controlnet_path: sparsectrl.ckpt\n")
+  with pytest.raises(SystemExit, match="not supported yet"):
+    sample.main(["--config", str(ctl)])
+  bad = tmp_path / "b.yaml"
+  bad.write_text("- prompt: [x\n  seed: 1:\n")
+  with pytest.raises(SystemExit, match="cannot read YAML"):
+    sample.main(["--config", str(bad)])
+  with pytest.raises(SystemExit, match="not found"):
+    sample.main(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_bad_arguments_fail_before_compiling(tmp_path):
+  with pytest.raises(SystemExit, match="not found"):
+    sample.main(["--ckpt", str(tmp_path / "nope.safetensors")])
+  with pytest.raises(ValueError, match="multiples of"):
+    sample.main(["--frames", "4", "--height", "36", "--width", "32", "--out", str(tmp_path)])
+  with pytest.raises(ValueError, match="positional encoding"):
+    sample.main(["--frames", "48", "--height", "32", "--width", "32", "--out", str(tmp_path)])
+
+
+def test_help_lists_options():
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--help"],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0
+  for opt in ("--ckpt", "--negative-prompt", "--frames", "--scheduler", "--motion-lora",
+              "--domain-adapter", "--dtype", "--fps", "--config", "--num-samples"):
+    assert opt in r.stdout
