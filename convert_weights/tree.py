@@ -98,3 +98,72 @@ def tree_to_state_dict(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
   walk(tree, ())
   return out
+
+
+def flatten(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+  """{'a': {'b': x}} -> {'a/b': x}."""
+  out: dict[str, Any] = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if isinstance(v, Mapping):
+        walk(v, prefix + (k,))
+      else:
+        out[sep.join(prefix + (k,))] = v
+
+  walk(tree, ())
+  return out
+
+
+def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
+  tree: dict = {}
+  for path, v in flat.items():
+    *mods, leaf = path.split(sep)
+    node = tree
+    for p in mods:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def merge_trees(*trees: Mapping[str, Any]) -> dict:
+  """Union of nested dicts (e.g. the base UNet tree and a motion-module tree); no overlaps allowed."""
+  flat: dict[str, Any] = {}
+  for t in trees:
+    for k, v in flatten(t).items():
+      if k in flat:
+        raise ValueError(f"both trees define {k}")
+      flat[k] = v
+  return unflatten(flat)
+
+
+def split_tree(tree: Mapping[str, Any], where) -> tuple[dict, dict]:
+  """(paths where `where(path)` is true, the rest), e.g. motion modules vs the base UNet."""
+  yes, no = {}, {}
+  for k, v in flatten(tree).items():
+    (yes if where(k) else no)[k] = v
+  return unflatten(yes), unflatten(no)
+
+
+def torch_shape(path: str, shape: tuple) -> tuple:
+  """The PyTorch layout of a leaf's shape, for error messages."""
+  leaf = path.rsplit("/", 1)[-1]
+  if leaf == "kernel" and len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  if leaf == "kernel" and len(shape) == 2:
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+def check_tree(tree: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> None:
+  """Raise ConversionError naming missing / unexpected keys and shape mismatches (torch names,
+  torch layouts) between a converted tree and the model's `jax.eval_shape` tree."""
+  from convert_weights.errors import ConversionError, check_keys
+  got, want = flatten(tree), flatten(expected)
+  name = lambda p: path_to_torch_key(tuple(p.split("/")))
+  check_keys(what, [name(p) for p in want if p not in got], [name(p) for p in got if p not in want])
+  for p, w in want.items():
+    g = tuple(np.shape(got[p]))
+    if g != tuple(w.shape):
+      raise ConversionError(f"{what}: shape mismatch at {name(p)}: checkpoint has "
+                            f"{list(torch_shape(p, g))}, the model expects {list(torch_shape(p, w.shape))}")

@@ -1,0 +1,90 @@
+"""`inspect`: what a checkpoint is, its dtypes and sizes, and whether it converts cleanly."""
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+
+from convert_weights import io, ldm
+from convert_weights.detect import FORMATS, detect_keys
+from convert_weights.errors import ConversionError, few
+
+
+def _summary(sd: dict) -> list[str]:
+  dtypes = collections.Counter(str(v.dtype) for v in sd.values())
+  n = sum(int(np.prod(v.shape)) for v in sd.values())
+  return [f"tensors: {len(sd)}", f"parameters: {n:,}",
+          "dtypes: " + ", ".join(f"{d} x{c}" for d, c in dtypes.most_common())]
+
+
+def _check(path: str, fmt: str) -> tuple[str, list[str]]:
+  """Run the matching loader; returns (detail line, notes)."""
+  from convert_weights import base, lora_files, motion
+  info: dict = {}
+  if fmt in ("ldm", "diffusers_folder"):
+    b = base.load_base_model(path, info=info)
+    parts = [n for n in ("unet", "vae", "text_encoder") if n in b]
+    return f"converts: {', '.join(parts)}", info.get("notes", [])
+  if fmt.startswith("motion_module") or fmt == "unet_with_motion_modules":
+    _, cfg, version = motion.load_motion_module(path, info=info)
+    return (f"motion module version {version} (pe length {cfg.max_len}, mid block {cfg.mid_block}, "
+            f"pe buffers {'present' if info['extras'] else 'absent'})"), info.get("notes", [])
+  if fmt == "motion_lora":
+    tree = lora_files.load_motion_lora(path)
+  elif fmt == "domain_adapter":
+    tree = lora_files.load_domain_adapter(path)
+  else:
+    return "", []
+  from convert_weights.tree import flatten
+  ranks = sorted({int(v.shape[0]) for k, v in flatten(tree).items() if k.endswith("/scale")})
+  return f"LoRA layers: {len(flatten(tree)) // 3}, rank(s) {ranks}", []
+
+
+def _unknown(sd: dict, fmt: str) -> list[str]:
+  if fmt == "ldm":
+    return [k for k in sd if not k.startswith((ldm.UNET_PREFIX, ldm.VAE_PREFIX, ldm.CLIP_PREFIX, ldm.EMA_PREFIX))]
+  if fmt.startswith("motion_module"):
+    return [k for k in sd if "motion_modules." not in k]
+  if fmt == "kohya_lora":
+    return [k for k in sd if not k.startswith(("lora_unet_", "lora_te_"))]
+  return []
+
+
+def inspect(path: str, check: bool = True) -> str:
+  lines = [f"path: {path}"]
+  if io.is_diffusers_folder(path):
+    fmt = "diffusers_folder"
+    lines.append(f"format: {fmt}: {FORMATS[fmt]}")
+    for comp in ("unet", "vae", "text_encoder"):
+      w = io.component_weights(os.path.join(path, comp))
+      if w:
+        lines.append(f"  {comp}: " + "; ".join(_summary(io.load_torch_file(w))))
+  else:
+    info: dict = {}
+    if os.path.isdir(path):
+      w = io.component_weights(path)
+      if w is None:
+        raise ConversionError(f"{path}: a folder with no recognised weights file")
+      sd = io.load_torch_file(w, info)
+    else:
+      sd = io.load_torch_file(path, info)
+    fmt = detect_keys(sd)
+    lines.append(f"format: {fmt}: {FORMATS[fmt]}")
+    lines += _summary(sd)
+    if "animatediff_config" in info:
+      lines.append(f"animatediff_config: {info['animatediff_config']}")
+    unknown = _unknown(sd, fmt)
+    if unknown:
+      lines.append(f"keys outside the format's model prefixes: {few(unknown)}")
+    if fmt == "unknown":
+      lines.append(f"first keys: {few(list(sd)[:5])}")
+    lines += [f"note: {n}" for n in info.get("notes", [])]
+  if check and fmt not in ("unknown", "sd2", "sdxl", "diffusers_unet", "kohya_lora"):
+    try:
+      detail, notes = _check(path, fmt)
+      lines.append(f"conversion check: ok{'; ' + detail if detail else ''}")
+      lines += [f"note: {n}" for n in notes]
+    except ConversionError as e:
+      lines.append(f"conversion check: FAILED: {e}")
+  return "\n".join(lines)
