@@ -1,0 +1,128 @@
+"""End-to-end sampling time, this project vs diffusers AnimateDiffPipeline, same config and device.
+
+  python bench/sample.py --config sd15 --frames 16 --size 512 --steps 25      # GPU / TPU
+  python bench/sample.py --config sd15 --frames 8 --size 128 --steps 3        # CPU, reduced
+
+Text encoding + denoising loop with CFG + VAE decode, random weights (speed does not depend on
+them). Reports seconds end to end (after a warm-up run that includes compilation), UNet steps/s,
+and the ratio; appends a row to bench/RESULTS.md with the command.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import numpy as np
+import torch
+
+from adiff_jax.builtin import random_params
+from adiff_jax.pipeline import ModelConfig, Pipeline, SamplingConfig
+
+
+def torch_pipeline(config: ModelConfig, device, dtype):
+  from diffusers import (AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter,
+                         UNet2DConditionModel)
+  from transformers import CLIPTextConfig as HFConfig, CLIPTextModel, CLIPTokenizer
+  import tempfile
+  from adiff_jax.tokenizer import CLIPTokenizer as Ours
+  u, m, t, v = config.unet, config.motion, config.text, config.vae
+  n = len(u.block_out_channels)
+  unet = UNet2DConditionModel(
+      block_out_channels=u.block_out_channels, layers_per_block=u.layers_per_block,
+      attention_head_dim=u.heads[0], cross_attention_dim=u.cross_attention_dim,
+      norm_num_groups=u.norm_num_groups,
+      down_block_types=tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in u.cross_attention_levels),
+      up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in u.cross_attention_levels[::-1]))
+  adapter = MotionAdapter(block_out_channels=u.block_out_channels, motion_layers_per_block=u.layers_per_block,
+                          motion_num_attention_heads=m.num_heads, motion_norm_num_groups=m.norm_groups,
+                          motion_max_seq_length=m.max_len, use_motion_mid_block=m.mid_block)
+  text = CLIPTextModel(HFConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                                num_attention_heads=t.num_heads, hidden_act=t.hidden_act))
+  nv = len(v.block_out_channels)
+  vae = AutoencoderKL(block_out_channels=v.block_out_channels, layers_per_block=v.layers_per_block,
+                      norm_num_groups=v.norm_num_groups, latent_channels=v.latent_channels,
+                      down_block_types=("DownEncoderBlock2D",) * nv, up_block_types=("UpDecoderBlock2D",) * nv)
+  d = tempfile.mkdtemp()
+  Ours.default().save_pretrained(d)
+  tok = CLIPTokenizer.from_pretrained(d, pad_token="<|endoftext|>", model_max_length=77)
+  sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
+                        clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")
+  pipe = AnimateDiffPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                             motion_adapter=adapter, scheduler=sched)
+  return pipe.to(device=device, dtype=dtype)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", choices=["sd15", "tiny"], default="sd15")
+  ap.add_argument("--frames", type=int, default=16)
+  ap.add_argument("--size", type=int, default=512)
+  ap.add_argument("--steps", type=int, default=25)
+  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+  ap.add_argument("--skip-torch", action="store_true")
+  ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+  args = ap.parse_args()
+
+  config = ModelConfig.sd15("v2") if args.config == "sd15" else ModelConfig.tiny()
+  prompts = ["a red circle moving left"] * args.batch
+  negative = ["blurry"] * args.batch
+  sc = SamplingConfig(frames=args.frames, height=args.size, width=args.size, steps=args.steps)
+  gpu = torch.cuda.is_available()
+
+  torch_s = None
+  if not args.skip_torch:
+    tdev, tdt = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
+    pipe = torch_pipeline(config, tdev, tdt)
+    kw = dict(prompt=prompts, negative_prompt=negative, num_frames=args.frames, height=args.size,
+              width=args.size, num_inference_steps=args.steps, guidance_scale=7.5, output_type="np")
+    if gpu:
+      torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+      pipe(**{**kw, "num_inference_steps": 1})  # warm-up
+      t0 = time.perf_counter()
+      pipe(**kw)
+      if gpu:
+        torch.cuda.synchronize()
+      torch_s = time.perf_counter() - t0
+    torch_mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+    del pipe
+    print(f"diffusers ({tdev}, {tdt}): {torch_s:.2f} s end to end, "
+          f"{args.steps / torch_s:.2f} UNet steps/s" + (f", peak {torch_mem:.1f} GiB" if gpu else ""))
+
+  params = random_params(config, seed=0)
+  ours = Pipeline(config, params, dtype=args.dtype)
+  seeds = list(range(args.batch))
+  t0 = time.perf_counter()
+  ours(prompts, negative, seeds, sc, progress=False)
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  ours(prompts, negative, seeds, sc, progress=False)
+  jax_s = time.perf_counter() - t0
+  dev = jax.devices()[0]
+  print(f"adiff-jax ({dev.platform}, {args.dtype}): {jax_s:.2f} s end to end "
+        f"(first run with compilation {first:.1f} s), {args.steps / jax_s:.2f} UNet steps/s")
+  ratio = f"{torch_s / jax_s:.2f}x" if torch_s else "n/a"
+  print(f"speed-up: {ratio}")
+
+  cmd = "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:])
+  row = (f"| {time.strftime('%Y-%m-%d')} | {dev.device_kind} | {args.config} | {args.batch}x{args.frames}x"
+         f"{args.size}x{args.size}, {args.steps} steps, CFG | {args.dtype} | "
+         f"{torch_s and f'{torch_s:.2f}'} | {jax_s:.2f} | {ratio} | `{cmd}` |\n")
+  text = open(args.results).read() if os.path.exists(args.results) else ""
+  with open(args.results, "a") as fh:
+    if "## Sampling end to end" not in text:
+      fh.write("\n## Sampling end to end (bench/sample.py)\n\n"
+               "| date | device | config | video | JAX dtype | diffusers s | adiff-jax s | speed-up | command |\n"
+               "|---|---|---|---|---|---|---|---|---|\n")
+    fh.write(row)
+
+
+if __name__ == "__main__":
+  main()
