@@ -311,3 +311,16 @@ def config_from_dict(cls, d: dict):
       v = tuple(v)
     kw[k] = v
   return cls(**kw)
+
+
+def tree_from_diffusers(sd: dict, kind: str) -> dict:
+  """A diffusers / transformers state dict (torch tensors or numpy) -> our tree, without config
+  checks. kind: "unet" | "vae" | "text_encoder" (with or without the `text_model.` prefix;
+  the `position_ids` buffer is dropped). Handy for tests that build references in PyTorch."""
+  sd = {k: (io.tensor_to_numpy(v) if hasattr(v, "detach") else np.asarray(v)) for k, v in sd.items()}
+  if kind == "text_encoder":
+    sd = _pop_clip_buffers(ldm.clip_ldm_to_diffusers(sd), {}, "")
+    return state_dict_to_tree(sd, embeddings=CLIP_EMBEDDINGS)
+  if kind not in ("unet", "vae"):
+    raise ValueError(f"unknown kind {kind!r}")
+  return state_dict_to_tree(sd)

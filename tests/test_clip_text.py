@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from adiff_jax.clip_text import CLIPTextConfig, CLIPTextModel
+from convert_weights.base import tree_from_diffusers
 
 
 def _hf_config(cfg: CLIPTextConfig):
@@ -21,33 +22,8 @@ def _hf_config(cfg: CLIPTextConfig):
 
 
 def _params_from_torch(state_dict):
-  """transformers CLIPTextModel state dict -> our params (docs/params.md naming rule).
-
-  Private on purpose: the converter package owns the real mapping table.
-  """
-  flat = {}
-  for key, value in state_dict.items():
-    if key.endswith("position_ids"):  # buffer, recomputed
-      continue
-    if not key.startswith("text_model."):  # transformers v5 drops the wrapper; checkpoints have it
-      key = "text_model." + key
-    parts = key.split(".")
-    path = []
-    for p in parts[:-1]:
-      if p.isdigit():
-        path[-1] = f"{path[-1]}_{p}"
-      else:
-        path.append(p)
-    leaf, arr = parts[-1], value.detach().float().numpy()
-    if leaf == "weight":
-      if path[-1].endswith("embedding"):
-        leaf = "embedding"
-      elif "norm" in path[-1]:
-        leaf = "scale"
-      else:
-        leaf, arr = "kernel", arr.T
-    flat[tuple(path) + (leaf,)] = jnp.asarray(arr)
-  return {"params": traverse_util.unflatten_dict(flat)}
+  """transformers CLIPTextModel state dict -> our params, by the converter's mapping."""
+  return {"params": tree_from_diffusers(state_dict, "text_encoder")}
 
 
 def _reference(cfg, seed=0):

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import traverse_util
 
 from adiff_jax.vae import (AutoencoderKL, DiagonalGaussian, VAEConfig, decode_video, encode_video,
                            scale_latents, unscale_latents)
+from convert_weights.base import tree_from_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -31,25 +31,8 @@ def _torch_vae(cfg: VAEConfig):
 
 
 def _to_flax(state_dict) -> dict:
-  """diffusers state dict -> our param tree (docs/params.md rule); test-only mapping."""
-  flat = {}
-  for key, t in state_dict.items():
-    parts = []
-    for seg in key.split("."):
-      if seg.isdigit():
-        parts[-1] += f"_{seg}"
-      else:
-        parts.append(seg)
-    v = t.detach().cpu().numpy()
-    if parts[-1] == "weight":
-      if v.ndim == 4:  # conv (O, I, kh, kw) -> (kh, kw, I, O)
-        parts[-1], v = "kernel", v.transpose(2, 3, 1, 0)
-      elif v.ndim == 2:  # linear (out, in) -> (in, out)
-        parts[-1], v = "kernel", v.T
-      else:
-        parts[-1] = "scale"
-    flat[tuple(parts)] = jnp.asarray(v)
-  return {"params": traverse_util.unflatten_dict(flat)}
+  """diffusers state dict -> our param tree, by the converter's mapping."""
+  return {"params": jax.tree.map(jnp.asarray, tree_from_diffusers(state_dict, "vae"))}
 
 
 # Jitted halves shared by all tests (model is static), so equal shapes compile once.
