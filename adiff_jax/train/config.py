@@ -1,0 +1,217 @@
+"""Training configuration: frozen dataclasses, loaded from YAML with `key=value` overrides.
+
+Every field has a default, so a YAML file only lists what differs. Nested sections are
+dataclasses; dotted keys on the command line reach into them (`optim.learning_rate=3e-4`).
+Unknown keys are errors, so a typo never silently trains with a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Optional
+
+import yaml
+
+STAGES = ("motion_module", "domain_adapter", "motion_lora", "image", "vae")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where clips come from and how they are sampled (see docs/data.md)."""
+  source: str = "synthetic"            # synthetic | webvid | tfds
+  csv_path: Optional[str] = None       # webvid: CSV with videoid, name, page_dir
+  video_folder: Optional[str] = None   # webvid: folder of {videoid}.mp4
+  use_page_dir: bool = False
+  tfds_dir: Optional[str] = None       # tfds: ArrayRecord dataset folder
+  num_examples: int = 10_000           # synthetic: dataset size
+  synthetic_size: int = 64             # synthetic: rendered frame size
+  synthetic_frames: int = 16           # synthetic: rendered clip length
+  synthetic_still: bool = False        # synthetic: still images captioned "a red circle"
+  sample_size: int = 256
+  sample_stride: int = 4
+  sample_n_frames: int = 16
+  single_frame: bool = False           # one random frame per example (image / domain adapter)
+  min_frames: Optional[int] = None
+  random_flip: bool = True
+  empty_text_prob: float = 0.1         # official cfg_random_null_text_ratio
+  num_shards: Optional[int] = None     # data shards (None: one per process); fixed => any host count reads the same batches
+  worker_count: int = 0
+  num_threads: int = 2
+  seed: Optional[int] = None           # None: the run's seed
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with global-norm clipping (official: lr 1e-4, wd 1e-2, betas 0.9/0.999, eps 1e-8, clip 1)."""
+  learning_rate: float = 1e-4
+  weight_decay: float = 1e-2
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip: float = 1.0               # <= 0: no clipping
+  warmup_steps: int = 0                # linear warm-up, then constant (official: constant)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  frames: int = 1                      # devices along the frames axis; the rest is `data`
+  fsdp: bool = False                   # shard trainable weights + optimizer state over `data`
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 1000                    # steps between checkpoints (0: only at the end)
+  keep: int = 3                        # keep the last N
+  resume: bool = True                  # continue from the latest checkpoint in output_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  every: int = 10                      # JSONL / TensorBoard / progress-bar refresh interval
+  tensorboard: bool = True             # when a SummaryWriter is importable
+  progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+  every: int = 0                       # steps between validation GIFs (0: never, -1: at the end only)
+  prompts: tuple[str, ...] = ("a red circle moving left",)
+  frames: int = 16
+  height: int = 256
+  width: int = 256
+  steps: int = 25
+  guidance_scale: float = 7.5
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  at_end: bool = True
+  format: str = "safetensors"          # safetensors | ckpt (original PyTorch format)
+  model_dir: bool = True               # also an Orbax model dir that `sample.py --ckpt` loads
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  stage: str = "motion_module"
+  model: str = "tiny"                  # "tiny" (random init) or an Orbax model dir
+  model_overrides: dict = dataclasses.field(default_factory=dict)  # {unet|text_encoder|vae: {field: v}} for "tiny"
+  motion_preset: str = "v3"            # motion module created when the base has none
+  motion_overrides: dict = dataclasses.field(default_factory=dict)
+  lora_rank: int = 64                  # motion_lora / domain_adapter
+  lora_alpha: float = 1.0
+  output_dir: str = "runs/train"
+  seed: int = 0
+  steps: int = 1000
+  batch_size: int = 4                  # per data-parallel replica (one index of the `data` axis)
+  dtype: str = "bf16"                  # compute dtype; trainable weights and optimizer stay f32
+  remat: bool = False
+  attention_impl: Optional[str] = None
+  vae_chunk: int = 0                   # frames per VAE encoder call (0: all at once)
+  vae_kl_weight: float = 1e-3          # vae stage: per-element KL weight
+  on_nonfinite: str = "skip"           # skip | stop
+  compiler_options: dict = dataclasses.field(default_factory=dict)  # XLA options for the step
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  log: LogConfig = LogConfig()
+  validation: ValidationConfig = ValidationConfig()
+  export: ExportConfig = ExportConfig()
+
+  def __post_init__(self):
+    if self.stage not in STAGES:
+      raise ValueError(f"unknown stage {self.stage!r}; choose from {', '.join(STAGES)}")
+    if self.on_nonfinite not in ("skip", "stop"):
+      raise ValueError(f"on_nonfinite must be skip or stop, got {self.on_nonfinite!r}")
+    if self.dtype not in ("f32", "bf16"):
+      raise ValueError(f"dtype must be f32 or bf16, got {self.dtype!r}")
+    if self.export.format not in ("safetensors", "ckpt"):
+      raise ValueError(f"export.format must be safetensors or ckpt, got {self.export.format!r}")
+    if self.steps < 1 or self.batch_size < 1:
+      raise ValueError("steps and batch_size must be >= 1")
+
+  @property
+  def data_seed(self) -> int:
+    return self.seed if self.data.seed is None else self.data.seed
+
+
+def _hints(cls) -> dict:
+  return typing.get_type_hints(cls)
+
+
+def from_dict(cls, d: dict, where: str = ""):
+  """Nested dict -> dataclass `cls`; nested dataclass fields recurse, lists become tuples."""
+  if not isinstance(d, dict):
+    raise ValueError(f"{where or 'config'}: expected a mapping, got {type(d).__name__}")
+  hints = _hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                     f"valid: {', '.join(sorted(names))}")
+  kw = {}
+  for k, v in d.items():
+    t = hints[k]
+    if dataclasses.is_dataclass(t):
+      kw[k] = from_dict(t, v or {}, f"{where}{k}.")
+    else:
+      kw[k] = _coerce(t, v, where + k)
+  return cls(**kw)
+
+
+def _coerce(t, v, name: str):
+  """YAML reads `1e-4` as a string (YAML 1.1) and lists as lists: fix to the field's type."""
+  args = [a for a in typing.get_args(t) if a is not type(None)]
+  if v is None:
+    return v
+  if typing.get_origin(t) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+    t = args[0]
+  if isinstance(v, list):
+    return tuple(v)
+  try:
+    if t is float and isinstance(v, (str, int)) and not isinstance(v, bool):
+      return float(v)
+    if t is int and isinstance(v, str):
+      return int(v)
+  except ValueError:
+    raise ValueError(f"{name}: cannot read {v!r} as {t.__name__}") from None
+  return v
+
+
+def to_dict(cfg) -> dict:
+  """Dataclass -> plain JSON/YAML-able dict (tuples -> lists)."""
+  def conv(v):
+    if dataclasses.is_dataclass(v):
+      return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (tuple, list)):
+      return [conv(x) for x in v]
+    if isinstance(v, dict):
+      return {k: conv(x) for k, x in v.items()}
+    return v
+  return conv(cfg)
+
+
+def apply_override(d: dict, item: str) -> None:
+  """'a.b.c=value' into the nested dict d; the value is parsed as YAML (numbers, lists, null)."""
+  if "=" not in item:
+    raise ValueError(f"override {item!r} is not key=value")
+  key, value = item.split("=", 1)
+  parts = key.strip().split(".")
+  node = d
+  for p in parts[:-1]:
+    node = node.setdefault(p, {})
+    if not isinstance(node, dict):
+      raise ValueError(f"override {item!r}: {p} is not a section")
+  node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+  """YAML file (optional) + `key=value` overrides -> TrainConfig."""
+  d: dict[str, Any] = {}
+  if path:
+    with open(path) as f:
+      d = yaml.safe_load(f) or {}
+  for item in overrides:
+    apply_override(d, item)
+  return from_dict(TrainConfig, d)

@@ -1,0 +1,255 @@
+"""The model a stage trains: base weights, which leaves are trainable, optimizer, shardings.
+
+All weights of a run live in one nested dict, the *model tree*:
+
+    {"unet": ..., "text_encoder": ..., "vae": ..., ["lora": ...]}
+
+A stage is a predicate over flattened paths ("unet/down_blocks_0/motion_modules_0/...") that
+picks the trainable leaves. The tree is split into two pytrees once: `trainable` (f32, gets
+gradients and optimizer state, checkpointed) and `frozen` (never an output of the step, so it
+stays bit-identical). The step merges them back inside the traced function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from adiff_jax import lora as lora_lib
+from adiff_jax.clip_text import CLIPTextConfig
+from adiff_jax.motion_module import MotionModuleConfig
+from adiff_jax.pipeline import ModelConfig
+from adiff_jax.sharding import DATA
+from adiff_jax.train.config import OptimConfig, TrainConfig
+from adiff_jax.unet import UNet3D, UNetConfig
+from adiff_jax.vae import VAEConfig
+
+Pytree = Any
+
+# Stages that see single frames through the plain image UNet (no motion modules).
+IMAGE_STAGES = ("domain_adapter", "image", "vae")
+LORA_STAGES = {"motion_lora": lora_lib.motion_lora_filter,
+               "domain_adapter": lora_lib.domain_adapter_filter}
+
+
+def trainable_filter(stage: str) -> Callable[[str], bool]:
+  """Path predicate of the leaves a stage trains."""
+  if stage == "motion_module":
+    return lambda p: p.startswith("unet/") and "motion_modules_" in p
+  if stage in LORA_STAGES:
+    # A LoRA's per-rank `scale` carries its alpha: a constant, not a weight.
+    return lambda p: p.startswith("lora/") and not p.endswith("/scale")
+  if stage == "image":
+    return lambda p: p.startswith(("unet/", "text_encoder/"))
+  if stage == "vae":
+    return lambda p: p.startswith("vae/")
+  raise ValueError(f"unknown stage {stage!r}")
+
+
+def flat(tree: Pytree) -> dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep="/") if tree else {}
+
+
+def unflat(d: dict[str, Any]) -> Pytree:
+  return traverse_util.unflatten_dict(d, sep="/")
+
+
+def split(tree: Pytree, where: Callable[[str], bool]) -> tuple[Pytree, Pytree]:
+  """(leaves where `where(path)`, the rest) as two nested dicts."""
+  yes, no = {}, {}
+  for k, v in flat(tree).items():
+    (yes if where(k) else no)[k] = v
+  return unflat(yes), unflat(no)
+
+
+def merge(*trees: Pytree) -> Pytree:
+  out = {}
+  for t in trees:
+    out.update(flat(t))
+  return unflat(out)
+
+
+# ----------------------------------------------------------------------------- base model
+
+
+def _replace(cfg, overrides: Optional[dict]):
+  if not overrides:
+    return cfg
+  fields = {f.name: f for f in dataclasses.fields(cfg)}
+  bad = sorted(set(overrides) - set(fields))
+  if bad:
+    raise ValueError(f"{type(cfg).__name__} has no field(s) {bad}")
+  return dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in overrides.items()})
+
+
+def motion_config(cfg: TrainConfig) -> MotionModuleConfig:
+  return MotionModuleConfig.preset(cfg.motion_preset, **{
+      k: tuple(v) if isinstance(v, list) else v for k, v in cfg.motion_overrides.items()})
+
+
+def numpy_init(shapes: Pytree, rng: np.random.Generator) -> Pytree:
+  """The builtin random init (adiff_jax.builtin.random_params) for any subtree of shapes:
+  kernels ~ N(0, 1/fan_in), embeddings N(0, 0.02), norm scales 1, biases 0, and motion
+  modules' proj_out zero, so a fresh motion module is the identity."""
+  out = {}
+  for path, s in flat(shapes).items():
+    name = path.rsplit("/", 1)[-1]
+    if name == "kernel" and not ("motion_modules_" in path and "/proj_out/" in path):
+      a = rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))
+    elif name == "embedding":
+      a = rng.standard_normal(s.shape) * 0.02
+    elif name == "scale":
+      a = np.ones(s.shape)
+    else:
+      a = np.zeros(s.shape)
+    out[path] = a.astype(np.float32)
+  return unflat(out)
+
+
+def unet_shapes(unet: UNetConfig, motion: Optional[MotionModuleConfig]) -> Pytree:
+  f = unet.downsample_factor
+  model = UNet3D(unet, motion)
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2, f, f, unet.in_channels)),
+                        jnp.zeros((1,)), jnp.zeros((1, 1, unet.cross_attention_dim)))["params"]
+
+
+@dataclasses.dataclass
+class Base:
+  """The loaded base model: configs, weights (numpy) and where they came from."""
+  config: ModelConfig              # motion=None for image stages
+  params: dict                     # {"unet", "text_encoder", "vae"}
+  meta: dict                       # metadata of the source model dir ({} for "tiny")
+  motion_is_new: bool = False      # the motion module was created here (not loaded)
+
+
+def load_base(cfg: TrainConfig) -> Base:
+  """Base weights for a stage: `model: tiny` (builtin random init, `model_overrides` applied)
+  or an Orbax model dir (convert_weights / a previous stage's export). Motion stages get a
+  fresh zero-output motion module when the base has none."""
+  image = cfg.stage in IMAGE_STAGES
+  if cfg.model == "tiny":
+    from adiff_jax.builtin import random_params
+    t = ModelConfig.tiny()
+    ov = cfg.model_overrides
+    bad = sorted(set(ov) - {"unet", "text_encoder", "vae"})
+    if bad:
+      raise ValueError(f"model_overrides: unknown part(s) {bad}; use unet, text_encoder, vae")
+    # The tiny motion module: v3 with 2 heads / 8 groups unless the config says otherwise.
+    preset = t.motion if cfg.motion_preset == "v3" else MotionModuleConfig.preset(
+        cfg.motion_preset, num_heads=2, norm_groups=8)
+    motion = None if image else _replace(preset, cfg.motion_overrides)
+    mc = ModelConfig(_replace(t.unet, ov.get("unet")), motion, _replace(t.text, ov.get("text_encoder")),
+                     _replace(t.vae, ov.get("vae")))
+    return Base(mc, random_params(mc, cfg.seed), {}, motion_is_new=motion is not None)
+
+  from convert_weights import orbax_io
+  items, meta = orbax_io.load_model_dir(cfg.model)
+  for need in ("unet", "text_encoder", "vae"):
+    if need not in items:
+      raise ValueError(f"{cfg.model}: no {need!r} item (has {sorted(items)}); training needs a full "
+                       "base model (python -m convert_weights to-orbax --base ...)")
+  unet_cfg = orbax_io.unet_config_from_meta(meta)
+  text_cfg = orbax_io.text_config_from_meta(meta)
+  vae_cfg = orbax_io.vae_config_from_meta(meta)
+  unet = {k: v for k, v in flat(items["unet"]).items() if "motion_modules_" not in k}
+  new = False
+  if image:
+    motion = None
+  elif "motion_module" in items:
+    motion = orbax_io.motion_config_from_meta(meta)
+    unet.update(flat(items["motion_module"]))
+  else:
+    motion = motion_config(cfg)
+    shapes = {k: v for k, v in flat(unet_shapes(unet_cfg, motion)).items() if "motion_modules_" in k}
+    unet.update(flat(numpy_init(unflat(shapes), np.random.default_rng(cfg.seed))))
+    new = True
+  mc = ModelConfig(unet_cfg, motion, text_cfg, vae_cfg)
+  return Base(mc, {"unet": unflat(unet), "text_encoder": items["text_encoder"], "vae": items["vae"]},
+              meta, motion_is_new=new)
+
+
+def model_tree(cfg: TrainConfig, base: Base) -> dict:
+  """The stage's model tree: the base parts, plus a fresh LoRA for LoRA stages."""
+  tree = dict(base.params)
+  if cfg.stage in LORA_STAGES:
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    lora = lora_lib.init_lora(key, base.params["unet"], cfg.lora_rank, LORA_STAGES[cfg.stage],
+                              alpha=cfg.lora_alpha)
+    tree["lora"] = jax.tree.map(np.asarray, lora)
+  return tree
+
+
+def split_model(cfg: TrainConfig, tree: dict) -> tuple[Pytree, Pytree]:
+  """(trainable as f32, frozen as loaded)."""
+  trainable, frozen = split(tree, trainable_filter(cfg.stage))
+  if not flat(trainable):
+    raise ValueError(f"stage {cfg.stage}: no trainable parameters in the model")
+  trainable = jax.tree.map(lambda a: np.asarray(a, np.float32), trainable)
+  return trainable, frozen
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def learning_rate(optim: OptimConfig):
+  if optim.warmup_steps > 0:
+    return optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
+  return optax.constant_schedule(optim.learning_rate)
+
+
+def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
+  """AdamW (+ global-norm clipping), as the official torch.optim.AdamW + clip_grad_norm_."""
+  adamw = optax.adamw(learning_rate(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                      weight_decay=optim.weight_decay)
+  if optim.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
+  return adamw
+
+
+def init_state(optim: OptimConfig, trainable: Pytree) -> dict:
+  """The donated, checkpointed train state: step counter, trainable weights, optimizer state."""
+  return {"step": jnp.zeros((), jnp.int32), "params": trainable,
+          "opt": make_optimizer(optim).init(trainable)}
+
+
+# ----------------------------------------------------------------------------- shardings
+
+
+def fsdp_spec(shape: tuple[int, ...], data: int) -> P:
+  """Shard the largest axis divisible by the `data` axis size; replicate small/odd leaves."""
+  if data <= 1 or not shape:
+    return P()
+  order = sorted(range(len(shape)), key=lambda i: -shape[i])
+  for i in order:
+    if shape[i] % data == 0 and shape[i] >= data:
+      spec = [None] * len(shape)
+      spec[i] = DATA
+      return P(*spec)
+  return P()
+
+
+def state_shardings(mesh: Mesh, abstract_state: Pytree, fsdp: bool) -> Pytree:
+  """Replicated, or FSDP (weights and matching optimizer moments sharded over `data`)."""
+  data = mesh.shape[DATA]
+  def leaf(x):
+    spec = fsdp_spec(tuple(x.shape), data) if fsdp else P()
+    return NamedSharding(mesh, spec)
+  return jax.tree.map(leaf, abstract_state)
+
+
+def batch_spec(mesh: Mesh, shape: tuple[int, ...]) -> P:
+  """Batch over `data`; frames over `frames` when divisible (single frames stay whole)."""
+  names = [DATA, "frames"][: len(shape)]
+  spec = []
+  for dim, name in zip(shape, names):
+    size = mesh.shape[name]
+    spec.append(name if dim % size == 0 else None)
+  return P(*spec)
