@@ -30,7 +30,7 @@ from convert_weights import io
 from convert_weights.detect import detect_keys
 from convert_weights.errors import ConversionError, few
 from convert_weights.motion_module import diffusers_to_official, is_pe_buffer, official_to_diffusers
-from convert_weights.tree import check_tree, flatten, state_dict_to_tree, tree_to_state_dict, unflatten
+from convert_weights.tree import check_tree, flatten, state_dict_to_tree, tree_to_state_dict
 
 _MODULE = re.compile(r"^((?:down_blocks|up_blocks)\.\d+|mid_block)\.motion_modules\.(\d+)\.")
 

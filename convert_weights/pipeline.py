@@ -1,7 +1,6 @@
 """The two conversions the CLI offers, as functions: PyTorch files -> Orbax dir, and back."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import ml_dtypes
