@@ -1,14 +1,11 @@
 """The built-in tiny model that `python sample.py` uses when no checkpoint is given."""
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
 from adiff_jax.clip_text import CLIPTextModel
+from adiff_jax.params import random_like
 from adiff_jax.pipeline import ModelConfig
 from adiff_jax.unet import UNet3D
 from adiff_jax.vae import AutoencoderKL
@@ -31,28 +28,10 @@ def param_shapes(config: ModelConfig) -> dict:
 
 
 def random_params(config: ModelConfig, seed: int = 0) -> dict:
-  """Random parameters for every part, made in numpy (no compile: seconds, not minutes).
-
-  Kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 0.02), norms at identity, biases zero, and the
-  motion modules' proj_out zero (a fresh motion module leaves the image model unchanged).
-  """
-  rng = np.random.default_rng(seed)
-  out = {}
-  for part, shapes in param_shapes(config).items():
-    flat = {}
-    for path, s in traverse_util.flatten_dict(shapes).items():
-      name = path[-1]
-      if name == "kernel" and not ("proj_out" in path and any("motion_modules" in p for p in path)):
-        a = rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))
-      elif name == "embedding":
-        a = rng.standard_normal(s.shape) * 0.02
-      elif name == "scale":
-        a = np.ones(s.shape)
-      else:
-        a = np.zeros(s.shape)
-      flat[path] = a.astype(np.float32)
-    out[part] = traverse_util.unflatten_dict(flat)
-  return out
+  """Random parameters for every part (numpy, no compile: seconds, not minutes); motion modules
+  start at identity. See `adiff_jax.params.random_like`."""
+  return {part: random_like(shapes, seed + i)
+          for i, (part, shapes) in enumerate(param_shapes(config).items())}
 
 
 def load_builtin():

@@ -12,6 +12,7 @@ import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
 from adiff_jax.layers import GroupNorm
+from adiff_jax.params import random_init
 from adiff_jax.motion_module import MotionModuleConfig
 from adiff_jax.unet import UNet3D, UNetConfig
 from torch_ref import (patch_base_norms_across_frames, patch_motion_norms_per_frame, randomize_,
@@ -27,6 +28,13 @@ OURS = UNetConfig.tiny()
 def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.abs(a - b).max() / np.abs(b).max()
+
+
+def active_params(model, *args):
+  """Random params with every tensor perturbed, so zero-initialised motion modules act too."""
+  rng = np.random.default_rng(5)
+  return jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32),
+                      random_init(model, *args))
 
 
 def inputs(b=2, f=4, s=8, seed=0):
@@ -132,7 +140,7 @@ def test_per_frame_text_and_timesteps():
   """(B, L, D) text equals the same text given per frame; (B,) timesteps equal (B, F)."""
   sample, t, ctx = inputs(f=3)
   model = UNet3D(OURS, MotionModuleConfig(num_heads=2, norm_groups=8))
-  params = model.init(jax.random.key(0), sample, t, ctx)["params"]
+  params = active_params(model, sample, t, ctx)
   a = model.apply({"params": params}, sample, t, ctx)
   ctx_f = np.repeat(ctx[:, None], 3, axis=1)
   t_f = np.repeat(t[:, None], 3, axis=1)
@@ -163,7 +171,7 @@ def test_lora_scale_and_merge():
   from adiff_jax import lora as L
   sample, t, ctx = inputs(f=3)
   model = UNet3D(OURS, MotionModuleConfig(num_heads=2, norm_groups=8))
-  params = model.init(jax.random.key(0), sample, t, ctx)["params"]
+  params = active_params(model, sample, t, ctx)
   k1, k2 = jax.random.split(jax.random.key(1))
   rand_up = lambda tree, key: jax.tree_util.tree_map_with_path(
       lambda p, v: jax.random.normal(key, v.shape) * 0.3 if p[-1].key == "up" else v, tree)
@@ -198,8 +206,10 @@ SHARDED_SCRIPT = textwrap.dedent("""
     x = rng.standard_normal((2, 8, 8, 8, 4)).astype(np.float32)
     t = np.array([3.0, 500.0], np.float32)
     ctx = rng.standard_normal((2, 7, 32)).astype(np.float32)
-    params = model.init(jax.random.key(0), x, t, ctx)["params"]
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+    from adiff_jax.params import random_init
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32),
+                          random_init(model, x, t, ctx))
     one = jax.jit(model.apply)({"params": params}, x, t, ctx)
     mesh = make_mesh(data=2, frames=4)
     with jax.set_mesh(mesh):
@@ -223,3 +233,23 @@ def test_sharded_8_devices_equals_single_device():
                      text=True, timeout=600)
   assert r.returncode == 0, r.stdout + r.stderr
   print(r.stdout)
+
+
+def test_remat_same_gradients_and_bf16_close():
+  """remat changes memory, not maths; bf16 compute with f32 params stays close to f32."""
+  sample, t, ctx = inputs(b=1, f=3)
+  mm = MotionModuleConfig(num_heads=2, norm_groups=8)
+  small = UNetConfig.tiny(layers_per_block=1)  # fewer layers: this compiles two backward passes
+  params = active_params(UNet3D(small, mm), sample, t[:1], ctx[:1])
+
+  def loss(p, model):
+    return jnp.mean(model.apply({"params": p}, sample, t[:1], ctx[:1]) ** 2)
+
+  g1 = jax.jit(jax.grad(lambda p: loss(p, UNet3D(small, mm))))(params)
+  g2 = jax.jit(jax.grad(lambda p: loss(p, UNet3D(small, mm, remat=True))))(params)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  f32 = UNet3D(small, mm).apply({"params": params}, sample, t[:1], ctx[:1])
+  bf16 = UNet3D(small, mm, dtype=jnp.bfloat16).apply({"params": params}, sample, t[:1], ctx[:1])
+  assert bf16.dtype == jnp.bfloat16
+  assert rel_err(np.asarray(bf16, np.float32), f32) < 3e-2
