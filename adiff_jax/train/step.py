@@ -110,11 +110,11 @@ def train_step(spec: StepSpec, state: dict, frozen: Pytree, batch: dict) -> tupl
   key = step_key(spec, state["step"])
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state["params"], spec, frozen, batch, key)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt = make_optimizer(spec.optim).update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   # Also refuse an update that would overflow the weights: they can never become non-finite.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
   keep = lambda new, old: jnp.where(finite, new, old)
   new_state = {"step": state["step"] + 1,
                "params": jax.tree.map(keep, params, state["params"]),
