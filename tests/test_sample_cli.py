@@ -41,13 +41,11 @@ def test_builtin_default_writes_gif_mp4_grid_and_config(tmp_path, capsys):
 
 
 def test_same_seed_same_video_different_seed_differs(tmp_path):
-  out = []
-  for i, seed in enumerate(["5", "5", "6"]):
-    d = tmp_path / str(i)
-    sample.main(FAST + ["--seed", seed, "--out", str(d)])
-    run = _outputs(d)
-    gif = [f for f in os.listdir(os.path.join(run, "sample")) if f.endswith(".gif")][0]
-    out.append(read_video(os.path.join(run, "sample", gif)))
+  sample.main(FAST + ["--seed", "5", "5", "6", "--num-samples", "3", "--out", str(tmp_path)])
+  run = _outputs(tmp_path)
+  gifs = sorted(f for f in os.listdir(os.path.join(run, "sample")) if f.endswith(".gif"))
+  out = [read_video(os.path.join(run, "sample", g)) for g in gifs]   # 0-..seed5, 1-..seed5, 2-..seed6
+  assert len(out) == 3
   np.testing.assert_array_equal(out[0], out[1])
   assert np.abs(out[0].astype(int) - out[2].astype(int)).max() > 0
 

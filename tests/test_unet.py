@@ -239,7 +239,8 @@ def test_remat_same_gradients_and_bf16_close():
   """remat changes memory, not maths; bf16 compute with f32 params stays close to f32."""
   sample, t, ctx = inputs(b=1, f=3)
   mm = MotionModuleConfig(num_heads=2, norm_groups=8)
-  small = UNetConfig.tiny(layers_per_block=1)  # fewer layers: this compiles two backward passes
+  # One level, one layer: this compiles two backward passes.
+  small = UNetConfig.tiny(block_out_channels=(32,), cross_attention_levels=(True,), layers_per_block=1)
   params = active_params(UNet3D(small, mm), sample, t[:1], ctx[:1])
 
   def loss(p, model):
