@@ -184,7 +184,10 @@ class Trainer:
         if due_ckpt or step == cfg.steps:
           self.save()
         if due_val or (step == cfg.steps and val != 0):
-          self.validate(step)
+          try:
+            self.validate(step)
+          except Exception as e:  # a sampling problem must not end a long training run
+            self.logger.message(f"step {step}: validation failed: {type(e).__name__}: {e}")
           last = time.perf_counter()
     finally:
       self.ckpt.wait()
@@ -229,7 +232,7 @@ class Trainer:
     if not self.is_main:
       return None
     from adiff_jax.pipeline import Pipeline, SamplingConfig
-    from adiff_jax.video_io import grid, save_gif
+    from adiff_jax.video_io import grid, save_gif, to_uint8
     lora = tree.pop("lora", None)
     image = self.cfg.stage in IMAGE_STAGES
     model = dataclasses.replace(self.base.config, motion=None) if image else self.base.config
@@ -240,7 +243,7 @@ class Trainer:
     frames = pipe(prompts, seeds=[v.seed + i for i in range(len(prompts))], cfg=sc, progress=False)
     path = os.path.join(self.cfg.output_dir, "samples", f"step_{step:07d}.gif")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_gif(grid(list(frames)), path)
+    save_gif(grid(list(to_uint8(frames))), path)
     self.logger.message(f"validation samples: {path}")
     return path
 
