@@ -17,3 +17,11 @@ def _seed():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
   except ImportError:
     pass
+
+
+def pytest_collection_modifyitems(config, items):
+  # Full-size checks hold several GB each: run them one after another on one xdist worker
+  # (`--dist loadgroup`), never two at once on the 24 GB CI machine.
+  for item in items:
+    if item.get_closest_marker("slow") is not None:
+      item.add_marker(pytest.mark.xdist_group("fullsize"))

@@ -12,7 +12,7 @@ from adiff_jax.motion_module import MotionModuleConfig
 from adiff_jax.unet import UNet3D, UNetConfig
 from torch_ref import patch_motion_norms_per_frame, randomize_, unet_params_from_diffusers
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fullsize")]
+pytestmark = pytest.mark.slow
 
 
 def test_sd15_v2_matches_diffusers_full_size():
