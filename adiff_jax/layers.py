@@ -60,12 +60,35 @@ class Conv2d(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
     lead = x.shape[:-3]
     x = x.reshape((-1,) + x.shape[-3:]).astype(self.dtype)  # (N, H, W, C)
-    p = self.padding
-    y = jax.lax.conv_general_dilated(
-        x, kernel.astype(self.dtype), (self.stride, self.stride), ((p, p), (p, p)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+    y = _conv(x, kernel.astype(self.dtype), self.stride, self.padding)
     y = (y + bias.astype(jnp.float32)).astype(self.dtype)
     return y.reshape(lead + y.shape[1:])
+
+
+# XLA:CPU's convolution is ~100x slower than a matmul when the image is tiny and the channels
+# many (SD's 2x2 and 4x4 levels with 1280 channels): there we unfold patches (im2col) instead.
+_CPU_IM2COL_MAX_PIXELS = 64
+
+
+def _conv(x, kernel, stride: int, padding: int):
+  """x (N, H, W, C), kernel (kh, kw, C, O) -> (N, Ho, Wo, O) in f32."""
+  kh, kw, c, o = kernel.shape
+  if kh == kw == 1 and stride == 1 and padding == 0:  # a 1x1 conv is a matmul
+    return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0], preferred_element_type=jnp.float32)
+  n, h, w, _ = x.shape
+  ho = (h + 2 * padding - kh) // stride + 1
+  wo = (w + 2 * padding - kw) // stride + 1
+  if jax.default_backend() == "cpu" and ho * wo <= _CPU_IM2COL_MAX_PIXELS:
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    cols = jnp.concatenate([
+        xp[:, dy:dy + stride * (ho - 1) + 1:stride, dx:dx + stride * (wo - 1) + 1:stride]
+        for dy in range(kh) for dx in range(kw)], axis=-1)          # (N, Ho, Wo, kh*kw*C)
+    return jnp.einsum("nhwk,ko->nhwo", cols, kernel.reshape(kh * kw * c, o),
+                      preferred_element_type=jnp.float32)
+  p = padding
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((p, p), (p, p)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
 
 
 def fold_frames(x):
