@@ -21,10 +21,10 @@ def _zero_init(path: tuple[str, ...]) -> bool:
   return path[-2:-1] == ("proj_out",) and any(p.startswith("motion_modules_") for p in path)
 
 
-def random_like(shapes: Pytree, seed: int = 0) -> Pytree:
+def random_like(shapes: Pytree, seed: int | np.random.Generator = 0) -> Pytree:
   """numpy f32 values for a tree of shapes: kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 0.02),
   norm scales 1, biases 0, motion-module proj_out 0."""
-  rng = np.random.default_rng(seed)
+  rng = np.random.default_rng(seed)  # a Generator passes through unchanged
   flat = {}
   for path, s in traverse_util.flatten_dict(shapes).items():
     name = path[-1]

@@ -19,7 +19,8 @@ import numpy as np
 
 from adiff_jax.pipeline import ModelConfig
 from adiff_jax.train.config import TrainConfig, to_dict
-from adiff_jax.train.state import Base, flat, motion_config, numpy_init, split, unet_shapes, unflat
+from adiff_jax.params import random_like
+from adiff_jax.train.state import Base, flat, motion_config, split, unet_shapes, unflat
 
 Pytree = Any
 
@@ -38,7 +39,7 @@ def _identity_motion(cfg: TrainConfig, model: ModelConfig):
     else:
       motion = motion_config(cfg)
   shapes = {k: v for k, v in flat(unet_shapes(model.unet, motion)).items() if "motion_modules_" in k}
-  return numpy_init(unflat(shapes), np.random.default_rng(cfg.seed)), motion
+  return random_like(unflat(shapes), cfg.seed), motion
 
 
 def export(cfg: TrainConfig, base: Base, tree: dict, out_dir: str, step: int,

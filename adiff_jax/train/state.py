@@ -12,7 +12,6 @@ stays bit-identical). The step merges them back inside the traced function.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -25,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from adiff_jax import lora as lora_lib
 from adiff_jax.clip_text import CLIPTextConfig
 from adiff_jax.motion_module import MotionModuleConfig
+from adiff_jax.params import random_like
 from adiff_jax.pipeline import ModelConfig
 from adiff_jax.sharding import DATA
 from adiff_jax.train.config import OptimConfig, TrainConfig
@@ -95,25 +95,6 @@ def motion_config(cfg: TrainConfig) -> MotionModuleConfig:
       k: tuple(v) if isinstance(v, list) else v for k, v in cfg.motion_overrides.items()})
 
 
-def numpy_init(shapes: Pytree, rng: np.random.Generator) -> Pytree:
-  """The builtin random init (adiff_jax.builtin.random_params) for any subtree of shapes:
-  kernels ~ N(0, 1/fan_in), embeddings N(0, 0.02), norm scales 1, biases 0, and motion
-  modules' proj_out zero, so a fresh motion module is the identity."""
-  out = {}
-  for path, s in flat(shapes).items():
-    name = path.rsplit("/", 1)[-1]
-    if name == "kernel" and not ("motion_modules_" in path and "/proj_out/" in path):
-      a = rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))
-    elif name == "embedding":
-      a = rng.standard_normal(s.shape) * 0.02
-    elif name == "scale":
-      a = np.ones(s.shape)
-    else:
-      a = np.zeros(s.shape)
-    out[path] = a.astype(np.float32)
-  return unflat(out)
-
-
 def unet_shapes(unet: UNetConfig, motion: Optional[MotionModuleConfig]) -> Pytree:
   f = unet.downsample_factor
   model = UNet3D(unet, motion)
@@ -169,7 +150,7 @@ def load_base(cfg: TrainConfig) -> Base:
   else:
     motion = motion_config(cfg)
     shapes = {k: v for k, v in flat(unet_shapes(unet_cfg, motion)).items() if "motion_modules_" in k}
-    unet.update(flat(numpy_init(unflat(shapes), np.random.default_rng(cfg.seed))))
+    unet.update(flat(random_like(unflat(shapes), cfg.seed)))
     new = True
   mc = ModelConfig(unet_cfg, motion, text_cfg, vae_cfg)
   return Base(mc, {"unet": unflat(unet), "text_encoder": items["text_encoder"], "vae": items["vae"]},
