@@ -24,6 +24,7 @@ import numpy as np
 
 from adiff_jax.data.synthetic import COLORS, DIRECTIONS, SHAPES, caption_for, motion_direction
 from adiff_jax.pipeline import Pipeline, SamplingConfig
+from bench.results import add_row
 
 
 def evaluate(pipe: Pipeline, cases, sc: SamplingConfig, batch: int) -> tuple[float, float, list]:
@@ -73,14 +74,11 @@ def main():
   print(f"chance: {1 / len(DIRECTIONS):.0%}; {time.perf_counter() - t0:.0f} s")
 
   cmd = "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:])
-  text = open(args.results).read() if os.path.exists(args.results) else ""
-  with open(args.results, "a") as fh:
-    if "## Motion evaluation" not in text:
-      fh.write("\n## Motion evaluation (bench/motion_eval.py)\n\n"
-               "| date | model | samples | accuracy with motion module | image model alone | chance | command |\n"
-               "|---|---|---|---|---|---|---|\n")
-    fh.write(f"| {time.strftime('%Y-%m-%d')} | {args.ckpt or 'built-in tiny'} | {len(cases)} | "
-             f"{acc:.1%} | {acc0:.1%} | {1 / len(DIRECTIONS):.0%} | `{cmd}` |\n")
+  row = (f"| {time.strftime('%Y-%m-%d')} | {args.ckpt or 'built-in tiny'} | {len(cases)} | "
+         f"{acc:.1%} | {acc0:.1%} | {1 / len(DIRECTIONS):.0%} | `{cmd}` |")
+  add_row(args.results, "Motion evaluation (bench/motion_eval.py)",
+          "| date | model | samples | accuracy with motion module | image model alone | chance | command |\n"
+          "|---|---|---|---|---|---|---|", row)
 
 
 def _strip_motion(tree):

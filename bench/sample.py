@@ -22,6 +22,7 @@ import torch
 
 from adiff_jax.builtin import random_params
 from adiff_jax.pipeline import ModelConfig, Pipeline, SamplingConfig
+from bench.results import add_row
 
 
 def torch_pipeline(config: ModelConfig, device, dtype):
@@ -115,13 +116,9 @@ def main():
   row = (f"| {time.strftime('%Y-%m-%d')} | {dev.device_kind} | {args.config} | {args.batch}x{args.frames}x"
          f"{args.size}x{args.size}, {args.steps} steps, CFG | {args.dtype} | "
          f"{torch_s and f'{torch_s:.2f}'} | {jax_s:.2f} | {ratio} | `{cmd}` |\n")
-  text = open(args.results).read() if os.path.exists(args.results) else ""
-  with open(args.results, "a") as fh:
-    if "## Sampling end to end" not in text:
-      fh.write("\n## Sampling end to end (bench/sample.py)\n\n"
-               "| date | device | config | video | JAX dtype | diffusers s | adiff-jax s | speed-up | command |\n"
-               "|---|---|---|---|---|---|---|---|---|\n")
-    fh.write(row)
+  add_row(args.results, "Sampling end to end (bench/sample.py)",
+          "| date | device | config | video | JAX dtype | diffusers s | adiff-jax s | speed-up | command |\n"
+          "|---|---|---|---|---|---|---|---|---|", row)
 
 
 if __name__ == "__main__":

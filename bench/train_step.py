@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+from bench.results import add_row
 
 
 def jax_step(args):
@@ -176,16 +177,12 @@ def main():
          f"{args.model} | {args.batch}x{args.frames}x{args.size}x{args.size} | {args.dtype} | "
          f"{flops and f'{flops / 1e12:.3f}'} | {n / jax_s:.3f} | {mfu} | "
          f"{torch_s and f'{args.batch / torch_s:.3f}'} | {tmfu} | {ratio} | `{cmd}` |\n")
-  text = open(args.results).read() if os.path.exists(args.results) else ""
-  with open(args.results, "a") as fh:
-    if "## Training step" not in text:
-      fh.write("\n## Training step (bench/train_step.py)\n\n"
-               "Motion modules trainable, AdamW + clipping, epsilon MSE on precomputed latents; "
-               "random weights. TFLOP = per step per device (XLA cost analysis).\n\n"
-               "| date | device | model | B x F x H x W | JAX dtype | TFLOP | JAX samples/s | JAX MFU "
-               "| PyTorch samples/s | PyTorch MFU | speed-up | command |\n"
-               "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    fh.write(row)
+  add_row(args.results, "Training step (bench/train_step.py)",
+          "Motion modules trainable, AdamW + clipping, epsilon MSE on precomputed latents; "
+          "random weights. TFLOP = per step per device (XLA cost analysis).\n\n"
+          "| date | device | model | B x F x H x W | JAX dtype | TFLOP | JAX samples/s | JAX MFU "
+          "| PyTorch samples/s | PyTorch MFU | speed-up | command |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|", row)
 
 
 if __name__ == "__main__":

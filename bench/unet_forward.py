@@ -22,6 +22,7 @@ import torch
 
 from adiff_jax.motion_module import MotionModuleConfig
 from adiff_jax.unet import UNet3D, UNetConfig
+from bench.results import add_row
 
 
 def torch_model(config: str, device, dtype):
@@ -115,13 +116,9 @@ def main():
   cmd = "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:])
   row = (f"| {time.strftime('%Y-%m-%d')} | {device.device_kind} | {args.config} | {b}x{f}x{s}x{s} | "
          f"{args.dtype} | {torch_s and f'{torch_s:.3f}'} | {jax_s:.3f} | {ratio} | `{cmd}` |\n")
-  new = not os.path.exists(args.results) or "## UNet forward" not in open(args.results).read()
-  with open(args.results, "a") as fh:
-    if new:
-      fh.write("\n## UNet forward (bench/unet_forward.py)\n\n"
-               "| date | device | config | B x F x h x w | JAX dtype | PyTorch s | JAX s | speed-up | command |\n"
-               "|---|---|---|---|---|---|---|---|---|\n")
-    fh.write(row)
+  add_row(args.results, "UNet forward (bench/unet_forward.py)",
+          "| date | device | config | B x F x h x w | JAX dtype | PyTorch s | JAX s | speed-up | command |\n"
+          "|---|---|---|---|---|---|---|---|---|", row)
 
 
 if __name__ == "__main__":
