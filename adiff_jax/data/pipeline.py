@@ -132,6 +132,24 @@ class ClipTransform(grain.transforms.RandomMap):
     return {"video": to_model_range(frames), "text": text}
 
 
+class PrecomputedTransform(grain.transforms.RandomMap):
+  """Pre-encoded record (see `adiff_jax.data.precompute`): the clip is already sampled, so only
+  the caption dropout is left. With stored text embeddings the dropout swaps in the stored
+  empty-caption embedding (the text encoder never runs); otherwise the caption becomes ""."""
+
+  def __init__(self, empty_text_prob: float, empty_text_emb: Optional[np.ndarray] = None):
+    self.empty_text_prob = empty_text_prob
+    self.empty_text_emb = empty_text_emb
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    rec = dict(record)
+    if rng.random() < self.empty_text_prob:
+      rec["text"] = ""
+      if "text_emb" in rec:
+        rec["text_emb"] = self.empty_text_emb
+    return rec
+
+
 def _as_str(t: Any) -> str:
   return t.decode("utf-8") if isinstance(t, bytes) else str(t)
 
@@ -209,6 +227,13 @@ def shard_dataset(ds: grain.MapDataset, shard_index: int, shard_count: int) -> g
   return ds[:usable][shard_index::shard_count]
 
 
+def _example_transform(source, clip: ClipConfig) -> grain.transforms.RandomMap:
+  """Raw sources go through clip sampling; pre-encoded ones only through caption dropout."""
+  if getattr(source, "is_precomputed", False):
+    return PrecomputedTransform(clip.empty_text_prob, source.empty_text_emb)
+  return ClipTransform(clip)
+
+
 def make_train_loader(source, *, batch_size: int, seed: int,
                       shard_index: Optional[int] = None, shard_count: Optional[int] = None,
                       num_epochs: Optional[int] = None, worker_count: int = 0,
@@ -220,7 +245,8 @@ def make_train_loader(source, *, batch_size: int, seed: int,
   """Builds the per-host training loader; `iter(loader)` yields batches and has
   `get_state()` / `set_state()` / `counts`.
 
-  source: random-access records (`WebVidSource`, `SyntheticMotionSource`, `TfdsVideoSource`).
+  source: random-access records (`WebVidSource`, `SyntheticMotionSource`, `TfdsVideoSource`), or
+    a `PrecomputedSource` (already-sampled latents: no clip sampling, only caption dropout).
   shard_index / shard_count: this host's shard; None means `jax.process_index()` /
     `jax.process_count()`.
   num_epochs: None repeats forever; each epoch is reshuffled and re-sampled.
@@ -240,7 +266,7 @@ def make_train_loader(source, *, batch_size: int, seed: int,
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   # After repeat, so every epoch draws new clip starts / flips / caption drops.
-  ds = ds.random_map(ClipTransform(clip), seed=seed)
+  ds = ds.random_map(_example_transform(source, clip), seed=seed)
   for fn in transforms:
     ds = ds.map(_unless_skipped(fn))
   buffer = 2 * batch_size if prefetch_buffer_size is None else prefetch_buffer_size

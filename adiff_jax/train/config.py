@@ -18,11 +18,12 @@ STAGES = ("motion_module", "domain_adapter", "motion_lora", "image", "vae")
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where clips come from and how they are sampled (see docs/data.md)."""
-  source: str = "synthetic"            # synthetic | webvid | tfds
+  source: str = "synthetic"            # synthetic | webvid | tfds | precomputed
   csv_path: Optional[str] = None       # webvid: CSV with videoid, name, page_dir
   video_folder: Optional[str] = None   # webvid: folder of {videoid}.mp4
   use_page_dir: bool = False
   tfds_dir: Optional[str] = None       # tfds: ArrayRecord dataset folder
+  precomputed_dir: Optional[str] = None  # precomputed: output of `python -m adiff_jax.data.precompute`
   num_examples: int = 10_000           # synthetic: dataset size
   synthetic_size: int = 64             # synthetic: rendered frame size
   synthetic_frames: int = 16           # synthetic: rendered clip length

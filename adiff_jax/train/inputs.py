@@ -17,6 +17,10 @@ from adiff_jax.train.config import DataConfig, TrainConfig
 from adiff_jax.train.state import IMAGE_STAGES
 
 
+# Per-example arrays a host batch may carry: pixels, or pre-encoded latents (+ text embeddings).
+ARRAY_KEYS = ("video", "latent_mean", "latent_std", "text_emb")
+
+
 def make_source(data: DataConfig):
   if data.source == "synthetic":
     return SyntheticMotionSource(data.num_examples, frames=data.synthetic_frames,
@@ -30,7 +34,25 @@ def make_source(data: DataConfig):
       raise ValueError("data.source=tfds needs data.tfds_dir")
     from adiff_jax.data import tfds_video
     return tfds_video.TfdsVideoSource(data.tfds_dir)
-  raise ValueError(f"unknown data.source {data.source!r}; choose synthetic, webvid or tfds")
+  if data.source == "precomputed":
+    if not data.precomputed_dir:
+      raise ValueError("data.source=precomputed needs data.precomputed_dir")
+    from adiff_jax.data.precompute import PrecomputedSource
+    return PrecomputedSource(data.precomputed_dir)
+  raise ValueError(f"unknown data.source {data.source!r}; choose synthetic, webvid, tfds or "
+                   "precomputed")
+
+
+def check_precomputed(cfg: TrainConfig, source) -> None:
+  """Pre-encoded clips must have the shape this run would sample (frames, size)."""
+  if cfg.stage == "vae":
+    raise ValueError("the vae stage trains the VAE on pixels: it cannot use precomputed latents")
+  m, clip = source.manifest, clip_config(cfg)
+  want = {"num_frames": clip.num_frames, "sample_size": list(clip.size_hw)}
+  have = {k: m[k] for k in want}
+  if have != want:
+    raise ValueError(f"{source.directory} holds clips with {have}, this run samples {want}; "
+                     "precompute again with this config")
 
 
 def clip_config(cfg: TrainConfig) -> ClipConfig:
@@ -44,7 +66,9 @@ def clip_config(cfg: TrainConfig) -> ClipConfig:
 
 class HostBatches:
   """Iterator of this process's share of the global batch: {"video": (b, F, H, W, 3) f32,
-  "ids": (b, 77) int32, "text": list[str]}, with checkpointable per-shard state."""
+  "ids": (b, 77) int32, "text": list[str]}, with checkpointable per-shard state. A precomputed
+  source gives "latent_mean" / "latent_std" (b, F, h, w, 4) f16 instead of "video", and
+  "text_emb" (b, 77, D) f16 instead of "ids" when it stores text embeddings."""
 
   def __init__(self, cfg: TrainConfig, global_batch: int, process_index: int, process_count: int,
                tokenizer: Optional[CLIPTokenizer] = None, source=None):
@@ -59,6 +83,8 @@ class HostBatches:
     per = self.num_shards // process_count
     self.shards = list(range(process_index * per, (process_index + 1) * per))
     source = make_source(d) if source is None else source
+    if getattr(source, "is_precomputed", False):
+      check_precomputed(cfg, source)
     clip = clip_config(cfg)
     self.iters = {
         s: iter(make_train_loader(source, batch_size=global_batch // self.num_shards,
@@ -74,8 +100,12 @@ class HostBatches:
   def __next__(self) -> dict:
     parts = [next(self.iters[s]) for s in self.shards]
     text = [str(t) for p in parts for t in p["text"]]
-    return {"video": np.concatenate([p["video"] for p in parts]).astype(np.float32),
-            "ids": self.tokenizer(text), "text": text}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ARRAY_KEYS if k in parts[0]}
+    if "video" in out:
+      out["video"] = out["video"].astype(np.float32)
+    if "text_emb" not in out:     # stored embeddings make the tokens (and the encoder) unneeded
+      out["ids"] = self.tokenizer(text)
+    return {**out, "text": text}
 
   def get_state(self) -> dict:
     return {str(s): it.get_state() for s, it in self.iters.items()}

@@ -111,7 +111,9 @@ class Trainer:
   # -- step --------------------------------------------------------------------------------
   def global_batch_arrays(self, batch: dict) -> dict:
     out = {}
-    for k in ("video", "ids"):
+    for k in ("video", "ids", "latent_mean", "latent_std", "text_emb"):
+      if k not in batch:
+        continue
       local = np.asarray(batch[k])
       shape = (self.global_batch,) + local.shape[1:]
       sharding = NamedSharding(self.mesh, batch_spec(self.mesh, shape))

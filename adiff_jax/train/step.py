@@ -3,7 +3,9 @@
 Diffusion stages use the official objective: VAE-encode the clip to scaled latents (a
 posterior sample, as `vae.encode(x).latent_dist.sample() * 0.18215`), draw noise and
 t ~ U{0..999}, noise with the "linear" training schedule, and regress the noise (epsilon MSE).
-Text goes through our CLIP; the 10% empty captions come from the data pipeline.
+Text goes through our CLIP; the 10% empty captions come from the data pipeline. With
+pre-computed data (`adiff_jax.data.precompute`) the batch carries the scaled posterior mean/std
+(a fresh sample per step) and optionally the text embeddings, and the frozen encoders are skipped.
 The `vae` stage trains the autoencoder itself (reconstruction MSE + a small KL).
 """
 from __future__ import annotations
@@ -55,20 +57,33 @@ def make_spec(cfg: TrainConfig, model: ModelConfig) -> StepSpec:
 
 
 def encode_latents(spec: StepSpec, vae_params, batch: dict, key) -> jax.Array:
-  """Scaled latents (B, F, h, w, 4): precomputed `latents` if the batch has them, else a
-  posterior sample of the (frozen) VAE."""
+  """Scaled latents (B, F, h, w, 4): precomputed `latents` if the batch has them, a sample of a
+  precomputed (scaled) posterior `latent_mean` + `latent_std` * eps, else a posterior sample of
+  the (frozen) VAE. Both samples draw eps in the same order, so equal keys give equal latents."""
   if "latents" in batch:
     return batch["latents"].astype(jnp.float32)
+  if "latent_mean" in batch:
+    mean = batch["latent_mean"].astype(jnp.float32)
+    eps = jax.random.normal(key, mean.shape, jnp.float32)
+    return mean + batch["latent_std"].astype(jnp.float32) * eps
   video = batch["video"]
   chunk = spec.vae_chunk or video.shape[0] * video.shape[1]
   z = encode_video(spec.vae, {"params": vae_params}, video, key, chunk_size=chunk)
   return jax.lax.stop_gradient(z.astype(jnp.float32))
 
 
+def text_context(spec: StepSpec, text_params, batch: dict) -> jax.Array:
+  """CLIP hidden states: stored `text_emb` (caption dropout already applied by the loader), or
+  the frozen text encoder on the token ids."""
+  if "text_emb" in batch:
+    return batch["text_emb"].astype(spec.text.dtype)
+  return spec.text.apply({"params": text_params}, batch["ids"])
+
+
 def diffusion_loss(spec: StepSpec, tree: dict, batch: dict, key) -> tuple[jax.Array, dict]:
   k_enc, k_noise, k_t = jax.random.split(key, 3)
   latents = encode_latents(spec, tree["vae"], batch, k_enc)
-  context = spec.text.apply({"params": tree["text_encoder"]}, batch["ids"])
+  context = text_context(spec, tree["text_encoder"], batch)
   noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
   t = schedulers.sample_timesteps(k_t, latents.shape[0], spec.schedule.num_train_timesteps)
   noisy = schedulers.add_noise(spec.schedule, latents, noise, t)
