@@ -24,7 +24,7 @@ import numpy as np
 
 from adiff_jax.data.synthetic import COLORS, DIRECTIONS, SHAPES, caption_for, motion_direction
 from adiff_jax.pipeline import Pipeline, SamplingConfig
-from bench.results import add_row
+from bench.results import add_row, command
 
 
 def evaluate(pipe: Pipeline, cases, sc: SamplingConfig, batch: int) -> tuple[float, float, list]:
@@ -73,7 +73,7 @@ def main():
   print(f"image model alone:     direction accuracy {acc0:.1%} (object found and moving in {found0:.1%})")
   print(f"chance: {1 / len(DIRECTIONS):.0%}; {time.perf_counter() - t0:.0f} s")
 
-  cmd = "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:])
+  cmd = command(__file__)
   row = (f"| {time.strftime('%Y-%m-%d')} | {args.ckpt or 'built-in tiny'} | {len(cases)} | "
          f"{acc:.1%} | {acc0:.1%} | {1 / len(DIRECTIONS):.0%} | `{cmd}` |")
   add_row(args.results, "Motion evaluation (bench/motion_eval.py)",

@@ -24,3 +24,9 @@ def add_row(path: str, section: str, header: str, row: str) -> None:
     text = text[:start] + "\n".join(lines) + text[end:]
   with open(path, "w") as fh:
     fh.write(text)
+
+
+def command(script: str) -> str:
+  """The command line that ran `script` (its path relative to the current folder), for the table."""
+  import sys
+  return "python " + " ".join([os.path.relpath(script, os.getcwd())] + sys.argv[1:])

@@ -22,7 +22,7 @@ import torch
 
 from adiff_jax.builtin import random_params
 from adiff_jax.pipeline import ModelConfig, Pipeline, SamplingConfig
-from bench.results import add_row
+from bench.results import add_row, command
 
 
 def torch_pipeline(config: ModelConfig, device, dtype):
@@ -112,7 +112,7 @@ def main():
   ratio = f"{torch_s / jax_s:.2f}x" if torch_s else "n/a"
   print(f"speed-up: {ratio}")
 
-  cmd = "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:])
+  cmd = command(__file__)
   row = (f"| {time.strftime('%Y-%m-%d')} | {dev.device_kind} | {args.config} | {args.batch}x{args.frames}x"
          f"{args.size}x{args.size}, {args.steps} steps, CFG | {args.dtype} | "
          f"{torch_s and f'{torch_s:.2f}'} | {jax_s:.2f} | {ratio} | `{cmd}` |\n")

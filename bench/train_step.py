@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from bench.results import add_row
+from bench.results import add_row, command
 
 
 def jax_step(args):
@@ -172,7 +172,7 @@ def main():
   ratio = f"{torch_s / jax_s:.2f}x" if torch_s else "n/a"
   print(f"samples/s: JAX {n / jax_s:.3f}, PyTorch {torch_s and args.batch / torch_s}; MFU JAX {mfu}, "
         f"PyTorch {tmfu}; speed-up {ratio}")
-  cmd = "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:])
+  cmd = command(__file__)
   row = (f"| {time.strftime('%Y-%m-%d')} | {jax.devices()[0].device_kind} x{jax.device_count()} | "
          f"{args.model} | {args.batch}x{args.frames}x{args.size}x{args.size} | {args.dtype} | "
          f"{flops and f'{flops / 1e12:.3f}'} | {n / jax_s:.3f} | {mfu} | "

@@ -22,7 +22,7 @@ import torch
 
 from adiff_jax.motion_module import MotionModuleConfig
 from adiff_jax.unet import UNet3D, UNetConfig
-from bench.results import add_row
+from bench.results import add_row, command
 
 
 def torch_model(config: str, device, dtype):
@@ -113,7 +113,7 @@ def main():
 
   ratio = f"{torch_s / jax_s:.2f}x" if torch_s else "n/a"
   print(f"speed-up JAX vs PyTorch: {ratio}")
-  cmd = "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:])
+  cmd = command(__file__)
   row = (f"| {time.strftime('%Y-%m-%d')} | {device.device_kind} | {args.config} | {b}x{f}x{s}x{s} | "
          f"{args.dtype} | {torch_s and f'{torch_s:.3f}'} | {jax_s:.3f} | {ratio} | `{cmd}` |\n")
   add_row(args.results, "UNet forward (bench/unet_forward.py)",
