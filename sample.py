@@ -109,9 +109,13 @@ def load_model(args) -> tuple[Any, dict, Optional[dict], str]:
   if not args.ckpt:
     if args.motion_module or args.motion_lora or args.domain_adapter or args.lora:
       raise SystemExit("error: --motion-module/--motion-lora/--domain-adapter/--lora need --ckpt")
-    from adiff_jax.builtin import load_builtin
-    cfg, params, desc = load_builtin()
-    return cfg, params, None, desc
+    from adiff_jax.builtin import load_builtin, trained_model_dir
+    if trained_model_dir() is None:
+      cfg, params, desc = load_builtin()
+      return cfg, params, None, desc
+    trained = argparse.Namespace(**{**vars(args), "ckpt": trained_model_dir()})
+    cfg, params, lora, _ = load_model(trained)
+    return cfg, params, lora, "built-in tiny model trained on synthetic moving shapes (README: Built-in model)"
 
   if not os.path.exists(args.ckpt):
     raise SystemExit(f"error: checkpoint not found: {args.ckpt}")

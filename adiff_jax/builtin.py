@@ -1,6 +1,8 @@
 """The built-in tiny model that `python sample.py` uses when no checkpoint is given."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -34,11 +36,18 @@ def random_params(config: ModelConfig, seed: int = 0) -> dict:
           for i, (part, shapes) in enumerate(param_shapes(config).items())}
 
 
-def load_builtin():
-  """(ModelConfig, params, description) of the built-in demo model.
+# A tiny model trained by train.py on the synthetic dataset, shipped with the package when present.
+TRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_model")
 
-  Random weights until a trained tiny checkpoint ships: said plainly, since its videos are noise.
-  """
+
+def trained_model_dir() -> str | None:
+  """The shipped trained tiny model (an Orbax model dir), or None when this build has none."""
+  return TRAINED_DIR if os.path.isfile(os.path.join(TRAINED_DIR, "metadata.json")) else None
+
+
+def load_builtin():
+  """(ModelConfig, params, description) of the built-in demo model with RANDOM weights, used
+  when no trained tiny model ships: said plainly, since its videos are noise."""
   config = ModelConfig.tiny()
   desc = ("built-in tiny model with RANDOM weights (no download; the output is noise, not a "
           "real animation: pass --ckpt for a real model)")
