@@ -24,7 +24,8 @@ def _outputs(out):
 def test_builtin_default_writes_gif_mp4_grid_and_config(tmp_path, capsys):
   assert sample.main(FAST + ["--seed", "3", "--num-samples", "2", "--out", str(tmp_path)]) == 0
   log = capsys.readouterr().out
-  assert "RANDOM weights" in log
+  from adiff_jax.builtin import trained_model_dir
+  assert ("trained on synthetic" if trained_model_dir() else "RANDOM weights") in log
   run = _outputs(tmp_path)
   files = sorted(os.listdir(os.path.join(run, "sample")))
   assert len([f for f in files if f.endswith(".gif")]) == 2
