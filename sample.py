@@ -23,7 +23,6 @@ import time
 import warnings
 from typing import Any, Optional
 
-import numpy as np
 
 # Official prompt-config keys we understand; controlnet (SparseCtrl) ones are refused.
 CONFIG_KEYS = {"dreambooth_path", "lora_model_path", "lora_alpha", "inference_config",

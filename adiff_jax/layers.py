@@ -1,8 +1,6 @@
 """Small shared layers: GroupNorm with per-frame / across-frame statistics, PyTorch-style conv."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -89,13 +87,3 @@ def _conv(x, kernel, stride: int, padding: int):
   return jax.lax.conv_general_dilated(
       x, kernel, (stride, stride), ((p, p), (p, p)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
-
-
-def fold_frames(x):
-  """(B, F, ...) -> (B*F, ...)."""
-  return x.reshape((-1,) + x.shape[2:])
-
-
-def unfold_frames(x, frames: int):
-  """(B*F, ...) -> (B, F, ...)."""
-  return x.reshape((-1, frames) + x.shape[1:])

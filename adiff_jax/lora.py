@@ -14,11 +14,10 @@ recompile). The base "params" are never touched unless you call `merge_lora`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import flax.linen as nn
 from flax import traverse_util
 

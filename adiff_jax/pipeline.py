@@ -16,7 +16,6 @@ import numpy as np
 from adiff_jax.clip_text import CLIPTextConfig, CLIPTextModel
 from adiff_jax.motion_module import MotionModuleConfig
 from adiff_jax.schedulers import NoiseSchedule, SAMPLERS, make_sampler, sample
-from adiff_jax.sharding import DATA, FRAMES, make_mesh
 from adiff_jax.tokenizer import CLIPTokenizer
 from adiff_jax.unet import UNet3D, UNetConfig
 from adiff_jax.vae import AutoencoderKL, VAEConfig, decode_video

@@ -6,7 +6,7 @@ transformers, resampling) work per frame; motion modules mix across frames.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -17,7 +17,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import numpy as np
 import torch
 
 from adiff_jax.builtin import random_params
@@ -32,7 +31,6 @@ def torch_pipeline(config: ModelConfig, device, dtype):
   import tempfile
   from adiff_jax.tokenizer import CLIPTokenizer as Ours
   u, m, t, v = config.unet, config.motion, config.text, config.vae
-  n = len(u.block_out_channels)
   unet = UNet2DConditionModel(
       block_out_channels=u.block_out_channels, layers_per_block=u.layers_per_block,
       attention_head_dim=u.heads[0], cross_attention_dim=u.cross_attention_dim,

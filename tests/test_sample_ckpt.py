@@ -1,13 +1,11 @@
 """sample.py with PyTorch files: diffusers folders converted on the fly, cached, and loaded into
 exactly the weights of the PyTorch models (checked against an independent key mapping)."""
-import argparse
 import os
 import sys
 
 import jax
 import numpy as np
 import pytest
-import torch
 from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import CLIPTextConfig as HFConfig, CLIPTextModel as HFCLIP
 

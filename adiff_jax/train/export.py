@@ -13,7 +13,7 @@ module whose output projection is zero: the identity, so sampling shows the imag
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 

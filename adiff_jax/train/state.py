@@ -22,14 +22,12 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from adiff_jax import lora as lora_lib
-from adiff_jax.clip_text import CLIPTextConfig
 from adiff_jax.motion_module import MotionModuleConfig
 from adiff_jax.params import random_like
 from adiff_jax.pipeline import ModelConfig
 from adiff_jax.sharding import DATA
 from adiff_jax.train.config import OptimConfig, TrainConfig
 from adiff_jax.unet import UNet3D, UNetConfig
-from adiff_jax.vae import VAEConfig
 
 Pytree = Any
 
