@@ -436,6 +436,16 @@ def training_target(schedule: NoiseSchedule, x0, noise, t):
   return x0
 
 
+def min_snr_weight(schedule: NoiseSchedule, t, gamma: float):
+  """Min-SNR-gamma loss weight per timestep (Hang et al. 2023), for the schedule's target:
+  min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v_prediction), / 1 (sample); SNR = acp / (1 - acp).
+  Low-noise steps, which dominate the plain MSE, are down-weighted."""
+  acp = alphas_cumprod(schedule)
+  snr = acp / (1.0 - acp)
+  denom = {"epsilon": snr, "v_prediction": snr + 1.0}.get(schedule.prediction_type, np.ones_like(snr))
+  return jnp.asarray((np.minimum(snr, gamma) / denom).astype(np.float32))[t]
+
+
 def sample_timesteps(key: jax.Array, batch: int, num_train_timesteps: int = 1000):
   """(batch,) int32 timesteps uniform in [0, num_train_timesteps) (official train.py)."""
   return jax.random.randint(key, (batch,), 0, num_train_timesteps, dtype=jnp.int32)

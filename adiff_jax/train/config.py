@@ -50,7 +50,14 @@ class OptimConfig:
   b2: float = 0.999
   eps: float = 1e-8
   grad_clip: float = 1.0               # <= 0: no clipping
-  warmup_steps: int = 0                # linear warm-up, then constant (official: constant)
+  warmup_steps: int = 0                # linear warm-up from 0 (official: none)
+  schedule: str = "constant"           # after warm-up: constant (official) | cosine
+  end_learning_rate: float = 0.0       # cosine: the value it decays to
+  decay_steps: int = 0                 # cosine: steps from warm-up end to end_learning_rate (0: to the run's last step)
+
+  def __post_init__(self):
+    if self.schedule not in ("constant", "cosine"):
+      raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +117,8 @@ class TrainConfig:
   attention_impl: Optional[str] = None
   vae_chunk: int = 0                   # frames per VAE encoder call (0: all at once)
   vae_kl_weight: float = 1e-3          # vae stage: per-element KL weight
+  noise_offset: float = 0.0            # diffusion stages: + offset * N(0,1) per (sample, channel), shared over frames and pixels
+  snr_gamma: float = 0.0               # diffusion stages: Min-SNR-gamma loss weighting (0: plain MSE, official)
   on_nonfinite: str = "skip"           # skip | stop
   compiler_options: dict = dataclasses.field(default_factory=dict)  # XLA options for the step
   data: DataConfig = DataConfig()

@@ -29,8 +29,12 @@ def _np(tree: Pytree) -> Pytree:
   return {k: _np(v) for k, v in tree.items()} if isinstance(tree, dict) else np.array(tree)  # writable copy (torch warns otherwise)
 
 
-def _identity_motion(cfg: TrainConfig, model: ModelConfig):
+def _identity_motion(cfg: TrainConfig, model: ModelConfig, base_meta: dict):
   motion = model.motion
+  if motion is None and "motion_module" in base_meta.get("configs", {}):
+    # Keep the base's (e.g. an earlier stage's identity module): the tiny chain stays tiny.
+    from convert_weights.orbax_io import motion_config_from_meta
+    motion = motion_config_from_meta(base_meta)
   if motion is None:
     if cfg.model == "tiny":
       motion = ModelConfig.tiny().motion
@@ -59,7 +63,7 @@ def export(cfg: TrainConfig, base: Base, tree: dict, out_dir: str, step: int,
   if cfg.stage != "motion_module":
     mm_version = base.meta.get("versions", {}).get("motion_module", "untrained")
   if not flat(mm):
-    mm, motion_cfg = _identity_motion(cfg, model)
+    mm, motion_cfg = _identity_motion(cfg, model, base.meta)
     mm_version = "identity (untrained, zero output projection): the image model alone"
 
   if cfg.stage == "motion_module":

@@ -56,7 +56,7 @@ class Trainer:
     self.frozen_host = frozen                   # the originals, for exports (never modified)
     self.spec = make_spec(cfg, self.base.config)
 
-    init = functools.partial(init_state, cfg.optim)
+    init = functools.partial(init_state, self.spec.optim)
     abstract = jax.eval_shape(init, trainable)
     self.state_sh = state_shardings(self.mesh, abstract, cfg.mesh.fsdp)
     self.frozen_sh = jax.tree.map(lambda _: self.replicated, frozen)

@@ -178,7 +178,26 @@ def split_model(cfg: TrainConfig, tree: dict) -> tuple[Pytree, Pytree]:
 # ----------------------------------------------------------------------------- optimizer
 
 
+def resolve_optim(optim: OptimConfig, total_steps: int) -> OptimConfig:
+  """Fills a cosine schedule's decay_steps = 0 with what is left of the run after warm-up."""
+  if optim.schedule != "cosine" or optim.decay_steps > 0:
+    return optim
+  decay = total_steps - optim.warmup_steps
+  if decay <= 0:
+    raise ValueError(f"optim.schedule=cosine: steps ({total_steps}) must exceed warmup_steps "
+                     f"({optim.warmup_steps}), or set optim.decay_steps")
+  return dataclasses.replace(optim, decay_steps=decay)
+
+
 def learning_rate(optim: OptimConfig):
+  """Linear warm-up from 0, then constant or a cosine decay to end_learning_rate (see
+  resolve_optim for decay_steps = 0)."""
+  if optim.schedule == "cosine":
+    if optim.decay_steps <= 0:
+      raise ValueError("optim.schedule=cosine needs decay_steps > 0 (resolve_optim fills it)")
+    return optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps,
+                                              optim.warmup_steps + optim.decay_steps,
+                                              optim.end_learning_rate)
   if optim.warmup_steps > 0:
     return optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps)
   return optax.constant_schedule(optim.learning_rate)

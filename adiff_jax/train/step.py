@@ -21,7 +21,7 @@ from adiff_jax import schedulers
 from adiff_jax.clip_text import CLIPTextModel
 from adiff_jax.pipeline import ModelConfig
 from adiff_jax.train.config import OptimConfig, TrainConfig
-from adiff_jax.train.state import IMAGE_STAGES, learning_rate, make_optimizer, merge
+from adiff_jax.train.state import IMAGE_STAGES, learning_rate, make_optimizer, merge, resolve_optim
 from adiff_jax.unet import UNet3D
 from adiff_jax.vae import AutoencoderKL, encode_video
 
@@ -42,6 +42,8 @@ class StepSpec:
   seed: int = 0
   vae_chunk: int = 0          # frames per encoder call; 0: all frames at once
   kl_weight: float = 1e-3
+  noise_offset: float = 0.0
+  snr_gamma: float = 0.0
 
 
 def make_spec(cfg: TrainConfig, model: ModelConfig) -> StepSpec:
@@ -53,7 +55,8 @@ def make_spec(cfg: TrainConfig, model: ModelConfig) -> StepSpec:
       text=CLIPTextModel(model.text, implementation=cfg.attention_impl, dtype=dt),
       vae=AutoencoderKL(dataclasses.replace(model.vae, dtype=dt)),
       schedule=schedulers.NoiseSchedule.animatediff(),
-      optim=cfg.optim, seed=cfg.seed, vae_chunk=cfg.vae_chunk, kl_weight=cfg.vae_kl_weight)
+      optim=resolve_optim(cfg.optim, cfg.steps), seed=cfg.seed, vae_chunk=cfg.vae_chunk,
+      kl_weight=cfg.vae_kl_weight, noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
 
 
 def encode_latents(spec: StepSpec, vae_params, batch: dict, key) -> jax.Array:
@@ -81,10 +84,17 @@ def text_context(spec: StepSpec, text_params, batch: dict) -> jax.Array:
 
 
 def diffusion_loss(spec: StepSpec, tree: dict, batch: dict, key) -> tuple[jax.Array, dict]:
-  k_enc, k_noise, k_t = jax.random.split(key, 3)
+  k_enc, k_noise, k_t, k_off = jax.random.split(key, 4)
   latents = encode_latents(spec, tree["vae"], batch, k_enc)
   context = text_context(spec, tree["text_encoder"], batch)
   noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+  if spec.noise_offset:
+    # "Offset noise": a per-(sample, channel) constant in the noise, so the model cannot read an
+    # image's mean colour from the noise at high t (SD's schedule keeps some signal at t=999,
+    # which pure-noise sampling does not have). Same offset on every frame of a clip.
+    b, c = latents.shape[0], latents.shape[-1]
+    offset = jax.random.normal(k_off, (b, 1, 1, 1, c), jnp.float32)
+    noise = noise + spec.noise_offset * offset
   t = schedulers.sample_timesteps(k_t, latents.shape[0], spec.schedule.num_train_timesteps)
   noisy = schedulers.add_noise(spec.schedule, latents, noise, t)
   variables = {"params": tree["unet"]}
@@ -92,7 +102,12 @@ def diffusion_loss(spec: StepSpec, tree: dict, batch: dict, key) -> tuple[jax.Ar
     variables["lora"] = tree["lora"]
   pred = spec.unet.apply(variables, noisy, t, context)
   target = schedulers.training_target(spec.schedule, latents, noise, t)
-  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target)), {}
+  err = jnp.square(pred.astype(jnp.float32) - target)
+  if not spec.snr_gamma:
+    return jnp.mean(err), {}
+  per_sample = jnp.mean(err, axis=tuple(range(1, err.ndim)))             # (B,)
+  weight = schedulers.min_snr_weight(spec.schedule, t, spec.snr_gamma)
+  return jnp.mean(weight * per_sample), {"mse": jnp.mean(err)}
 
 
 def vae_loss(spec: StepSpec, tree: dict, batch: dict, key) -> tuple[jax.Array, dict]:
