@@ -4,10 +4,12 @@
   python bench/motion_eval.py --ckpt DIR --seeds 3
 
 Samples "a {color} {shape} moving {direction}" for every colour x shape x direction (x seeds),
-finds the object in each frame by its colour and fits its displacement; a sample counts as
-correct when the dominant direction equals the prompt's. The baseline is the same model with the
-motion modules removed (the frozen image model alone: frames are denoised independently).
-Appends the figures and the command to bench/RESULTS.md.
+finds the object in each frame (the saturated pixels: every palette colour is saturated, every
+background grey, so a wrong hue does not hide the motion) and fits its displacement; a sample
+counts as correct when the dominant direction equals the prompt's (a static or missing object
+counts as wrong). The baseline is the same model with the motion modules removed (the frozen
+image model alone: frames are denoised independently). Also reported: how often the object has
+the prompted colour. Appends the figures and the command to bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -22,23 +24,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
-from adiff_jax.data.synthetic import COLORS, DIRECTIONS, SHAPES, caption_for, motion_direction
+from adiff_jax.data.synthetic import (COLORS, DIRECTIONS, SHAPES, caption_for, motion_direction,
+                                      object_centroid)
 from adiff_jax.pipeline import Pipeline, SamplingConfig
 from bench.results import add_row, command
 
 
-def evaluate(pipe: Pipeline, cases, sc: SamplingConfig, batch: int) -> tuple[float, float, list]:
-  """(accuracy, detection rate, per-case predictions)."""
-  preds = []
+def evaluate(pipe: Pipeline, cases, sc: SamplingConfig, batch: int) -> dict:
+  """Direction accuracy, rate of moving objects found, rate of prompted colour, predictions."""
+  preds, colored = [], []
   for i in range(0, len(cases), batch):
     chunk = cases[i:i + batch]
     prompts = [caption_for(c, s, d) for c, s, d, _ in chunk]
     frames = pipe(prompts, [""] * len(chunk), [seed for *_, seed in chunk], sc, progress=False)
     for (color, _, _, _), video in zip(chunk, frames):
-      preds.append(motion_direction((video * 255).astype(np.uint8), color))
-  correct = sum(p == d for p, (_, _, d, _) in zip(preds, cases))
-  found = sum(p is not None for p in preds)
-  return correct / len(cases), found / len(cases), preds
+      video = np.rint(np.asarray(video) * 255).astype(np.uint8)
+      preds.append(motion_direction(video))
+      # Prompted colour present in at least half the frames.
+      colored.append(sum(object_centroid(f, color) is not None for f in video) >= len(video) / 2)
+  n = len(cases)
+  return {"accuracy": sum(p == d for p, (_, _, d, _) in zip(preds, cases)) / n,
+          "moving": sum(p is not None for p in preds) / n, "color": sum(colored) / n,
+          "preds": preds}
 
 
 def main():
@@ -64,21 +71,29 @@ def main():
   print(f"model: {desc}\n{len(cases)} samples: {len(colors)} colours x {len(SHAPES)} shapes x "
         f"{len(DIRECTIONS)} directions x {args.seeds} seeds")
 
+  if cfg.motion is None:
+    sys.exit(f"{desc} has no motion module to evaluate")
   t0 = time.perf_counter()
-  acc, found, _ = evaluate(Pipeline(cfg, params, lora=lora), cases, sc, args.batch)
-  print(f"with motion module:    direction accuracy {acc:.1%} (object found and moving in {found:.1%})")
-  image_only = dataclasses.replace(cfg, motion=None)
-  base_params = dict(params, unet=_strip_motion(params["unet"]))
-  acc0, found0, _ = evaluate(Pipeline(image_only, base_params), cases, sc, args.batch)
-  print(f"image model alone:     direction accuracy {acc0:.1%} (object found and moving in {found0:.1%})")
+  results = {}
+  for name, model, p, lo in [
+      ("with motion module", cfg, params, lora),
+      ("image model alone", dataclasses.replace(cfg, motion=None),
+       dict(params, unet=_strip_motion(params["unet"])), None)]:
+    r = results[name] = evaluate(Pipeline(model, p, lora=lo), cases, sc, args.batch)
+    per_dir = ", ".join(f"{d} {np.mean([q == d for q, c in zip(r['preds'], cases) if c[2] == d]):.0%}"
+                        for d in DIRECTIONS)
+    print(f"{name + ':':20s} direction accuracy {r['accuracy']:.1%} ({per_dir}); moving object "
+          f"found in {r['moving']:.1%}; prompted colour in {r['color']:.1%}")
   print(f"chance: {1 / len(DIRECTIONS):.0%}; {time.perf_counter() - t0:.0f} s")
 
-  cmd = command(__file__)
-  row = (f"| {time.strftime('%Y-%m-%d')} | {args.ckpt or 'built-in tiny'} | {len(cases)} | "
-         f"{acc:.1%} | {acc0:.1%} | {1 / len(DIRECTIONS):.0%} | `{cmd}` |")
+  mm, base = results["with motion module"], results["image model alone"]
+  row = (f"| {time.strftime('%Y-%m-%d')} | {args.ckpt or desc.split(' (')[0]} | {len(cases)} x "
+         f"{args.frames}f, {args.steps} steps, cfg {args.guidance_scale} | {mm['accuracy']:.1%} | "
+         f"{base['accuracy']:.1%} | {1 / len(DIRECTIONS):.0%} | {mm['color']:.0%} / {base['color']:.0%} | "
+         f"`{command(__file__)}` |")
   add_row(args.results, "Motion evaluation (bench/motion_eval.py)",
-          "| date | model | samples | accuracy with motion module | image model alone | chance | command |\n"
-          "|---|---|---|---|---|---|---|", row)
+          "| date | model | samples | direction accuracy, motion module | image model alone | chance | "
+          "prompted colour (mm / alone) | command |\n|---|---|---|---|---|---|---|---|", row)
 
 
 def _strip_motion(tree):

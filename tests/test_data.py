@@ -274,15 +274,10 @@ def test_displacement_recovers_direction(direction, shape):
     d = synthetic.motion_displacement(clip, color)
     np.testing.assert_allclose(d, [ux * travel, uy * travel], atol=0.6)
     assert synthetic.motion_direction(clip, color) == direction
+    # Colour-blind (saturation) tracking finds the same motion on the grey backgrounds.
+    np.testing.assert_allclose(synthetic.motion_displacement(clip), d, atol=0.1 * travel)
+    assert synthetic.motion_direction(clip) == direction
     # Model-range float frames work too.
     assert synthetic.motion_direction(pipeline.to_model_range(clip), color) == direction
 
 
-def test_synthetic_render_is_fast():
-  import time
-  p = synthetic.sample_params(np.random.default_rng(0), frames=16, size=64)
-  synthetic.render_clip(p, frames=16, size=64)
-  t = time.perf_counter()
-  for _ in range(20):
-    synthetic.render_clip(p, frames=16, size=64)
-  assert (time.perf_counter() - t) / 20 < 0.05

@@ -3,7 +3,7 @@
 Cheap (pure numpy, anti-aliased edges), deterministic per (seed, index), and with captions
 whose motion words can be checked on generated videos: `object_centroid` / `motion_direction`
 locate the object by colour and recover its direction, which the motion-accuracy evaluation
-uses. Backgrounds are neutral greys (dark or light, optionally with a faint smooth texture) so
+uses (by colour, or colour-blind by saturation). Backgrounds are neutral greys (dark or light, optionally with a faint smooth texture) so
 that every palette colour stays far from the background in RGB.
 """
 from __future__ import annotations
@@ -169,21 +169,32 @@ def _to_uint8_range(frames: np.ndarray) -> np.ndarray:
   return frames.astype(np.float32)
 
 
-def object_centroid(frame: np.ndarray, color: str, *, threshold: float = 80.0,
-                    min_pixels: int = 4) -> Optional[np.ndarray]:
-  """(x, y) centroid of the pixels within `threshold` (RGB distance, 0..255 units) of the
-  palette colour, or None when fewer than `min_pixels` match. frame: (H, W, 3)."""
+def object_mask(frame: np.ndarray, color: Optional[str] = None, *, threshold: float = 80.0,
+                chroma_threshold: float = 60.0) -> np.ndarray:
+  """(H, W) bool mask of the object. With `color`: pixels within `threshold` (RGB distance,
+  0..255 units) of that palette colour. Without: pixels whose chroma (max - min over RGB)
+  exceeds `chroma_threshold`: every palette colour is saturated, every background grey, so this
+  finds the object whatever colour a model gave it. frame: (H, W, 3) uint8 or [-1, 1] floats."""
   f = _to_uint8_range(frame)
-  dist = np.linalg.norm(f - np.asarray(COLORS[color], np.float32), axis=-1)
-  ys, xs = np.nonzero(dist < threshold)
+  if color is None:
+    return (f.max(-1) - f.min(-1)) > chroma_threshold
+  return np.linalg.norm(f - np.asarray(COLORS[color], np.float32), axis=-1) < threshold
+
+
+def object_centroid(frame: np.ndarray, color: Optional[str] = None, *, min_pixels: int = 4,
+                    **kw) -> Optional[np.ndarray]:
+  """(x, y) centroid of `object_mask(frame, color)`, or None when it has fewer than
+  `min_pixels` pixels."""
+  ys, xs = np.nonzero(object_mask(frame, color, **kw))
   if len(xs) < min_pixels:
     return None
   return np.array([xs.mean(), ys.mean()], np.float32)
 
 
-def motion_displacement(frames: np.ndarray, color: str, **kw) -> Optional[np.ndarray]:
-  """(dx, dy) first-to-last displacement of the object, from a least-squares line through the
-  per-frame centroids (robust to frames where the object is not found); None if < 2 found."""
+def motion_displacement(frames: np.ndarray, color: Optional[str] = None, **kw) -> Optional[np.ndarray]:
+  """(dx, dy) first-to-last displacement of the object (found by `color`, or by saturation when
+  None), from a least-squares line through the per-frame centroids (robust to frames where the
+  object is not found); None if < 2 found."""
   t, pts = [], []
   for i, frame in enumerate(frames):
     c = object_centroid(frame, color, **kw)
@@ -197,7 +208,7 @@ def motion_displacement(frames: np.ndarray, color: str, **kw) -> Optional[np.nda
   return slope * np.float32(len(frames) - 1)
 
 
-def motion_direction(frames: np.ndarray, color: str, *, min_displacement: float = 2.0,
+def motion_direction(frames: np.ndarray, color: Optional[str] = None, *, min_displacement: float = 2.0,
                      **kw) -> Optional[str]:
   """Dominant direction of motion ("left"/"right"/"up"/"down"), None if static or not found."""
   d = motion_displacement(frames, color, **kw)
