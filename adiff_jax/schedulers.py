@@ -446,6 +446,14 @@ def min_snr_weight(schedule: NoiseSchedule, t, gamma: float):
   return jnp.asarray((np.minimum(snr, gamma) / denom).astype(np.float32))[t]
 
 
-def sample_timesteps(key: jax.Array, batch: int, num_train_timesteps: int = 1000):
-  """(batch,) int32 timesteps uniform in [0, num_train_timesteps) (official train.py)."""
-  return jax.random.randint(key, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
+def v_space_weight(schedule: NoiseSchedule, t):
+  """1 / acp_t: an epsilon-prediction MSE times this equals the MSE of the implied v prediction
+  (v error = eps error / sqrt(acp_t)). Weights high-noise steps up to ~200x (t = 999)."""
+  return jnp.asarray((1.0 / alphas_cumprod(schedule)).astype(np.float32))[t]
+
+
+def sample_timesteps(key: jax.Array, batch: int, num_train_timesteps: int = 1000, low: int = 0):
+  """(batch,) int32 timesteps uniform in [low, num_train_timesteps) (official: low = 0)."""
+  if not 0 <= low < num_train_timesteps:
+    raise ValueError(f"lowest training timestep {low} outside [0, {num_train_timesteps})")
+  return jax.random.randint(key, (batch,), low, num_train_timesteps, dtype=jnp.int32)

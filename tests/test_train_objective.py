@@ -1,5 +1,5 @@
-"""Training-objective options: Min-SNR-gamma weighting (vs diffusers' compute_snr), offset
-noise (per sample and channel, shared over frames and pixels) and the cosine learning rate
+"""Training-objective options: Min-SNR-gamma and v-space loss weighting (vs diffusers'
+compute_snr / alphas_cumprod), offset noise (per sample and channel, shared over frames and pixels) and the cosine learning rate
 (hand-computed values)."""
 import dataclasses
 
@@ -60,7 +60,7 @@ def tiny_setup():
 
 def _loss(cfg, tree, batch, monkeypatch, t, **opts):
   spec = step_lib.make_spec(dataclasses.replace(cfg, **opts), load_base(cfg).config)
-  monkeypatch.setattr(step_lib.schedulers, "sample_timesteps", lambda key, b, n=1000: jnp.asarray(t))
+  monkeypatch.setattr(step_lib.schedulers, "sample_timesteps", lambda key, b, n=1000, low=0: jnp.asarray(t))
   seen = {}
   add_noise = schedulers.add_noise
 
@@ -78,15 +78,30 @@ def test_snr_gamma_weights_the_loss_per_timestep(tiny_setup, monkeypatch):
   for tt in (20, 300, 900):
     t = np.array([tt, tt], np.int32)
     plain, _, _ = _loss(cfg, tree, batch, monkeypatch, t)           # same key: same noise
-    weighted, aux, _ = _loss(cfg, tree, batch, monkeypatch, t, snr_gamma=5.0)
+    weighted, aux, _ = _loss(cfg, tree, batch, monkeypatch, t, loss_weighting="min_snr", snr_gamma=5.0)
     snr = float(compute_snr(DDPMScheduler(**OFFICIAL_DDPM), torch.tensor([tt]))[0])
     np.testing.assert_allclose(weighted, min(snr, 5.0) / snr * plain, rtol=1e-4)
     np.testing.assert_allclose(float(aux["mse"]), plain, rtol=1e-5)
+    # v space: the eps error / sqrt(acp_t), squared.
+    v, _, _ = _loss(cfg, tree, batch, monkeypatch, t, loss_weighting="v")
+    acp = float(DDPMScheduler(**OFFICIAL_DDPM).alphas_cumprod[tt])
+    np.testing.assert_allclose(v, plain / acp, rtol=1e-4)
   # Mixed timesteps; gamma above every SNR: all weights 1, the plain MSE.
   t = np.array([20, 900], np.int32)
   plain, _, _ = _loss(cfg, tree, batch, monkeypatch, t)
-  huge, _, _ = _loss(cfg, tree, batch, monkeypatch, t, snr_gamma=1e9)
+  huge, _, _ = _loss(cfg, tree, batch, monkeypatch, t, loss_weighting="min_snr", snr_gamma=1e9)
   np.testing.assert_allclose(huge, plain, rtol=1e-5)
+  with pytest.raises(ValueError, match="loss_weighting"):
+    load_config(None, ["loss_weighting=x0"])
+  with pytest.raises(ValueError, match="snr_gamma > 0"):
+    load_config(None, ["loss_weighting=min_snr", "snr_gamma=0"])
+
+
+def test_min_timestep():
+  t = schedulers.sample_timesteps(jax.random.key(0), 4096, 1000, low=200)
+  assert int(t.min()) >= 200 and int(t.max()) <= 999 and int(t.min()) < 210
+  with pytest.raises(ValueError, match="lowest training timestep"):
+    schedulers.sample_timesteps(jax.random.key(0), 4, 1000, low=1000)
 
 
 def test_noise_offset_is_per_sample_channel_shared_over_frames(tiny_setup, monkeypatch):

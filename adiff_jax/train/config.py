@@ -118,7 +118,9 @@ class TrainConfig:
   vae_chunk: int = 0                   # frames per VAE encoder call (0: all at once)
   vae_kl_weight: float = 1e-3          # vae stage: per-element KL weight
   noise_offset: float = 0.0            # diffusion stages: + offset * N(0,1) per (sample, channel), shared over frames and pixels
-  snr_gamma: float = 0.0               # diffusion stages: Min-SNR-gamma loss weighting (0: plain MSE, official)
+  loss_weighting: str = "none"         # diffusion stages: none (plain MSE, official) | min_snr (uses snr_gamma) | v (1 / acp_t)
+  snr_gamma: float = 5.0               # loss_weighting=min_snr: the gamma of Min-SNR-gamma
+  min_timestep: int = 0                # diffusion stages: t ~ U{min_timestep..999} (official: 0)
   on_nonfinite: str = "skip"           # skip | stop
   compiler_options: dict = dataclasses.field(default_factory=dict)  # XLA options for the step
   data: DataConfig = DataConfig()
@@ -140,6 +142,10 @@ class TrainConfig:
       raise ValueError(f"export.format must be safetensors or ckpt, got {self.export.format!r}")
     if self.steps < 1 or self.batch_size < 1:
       raise ValueError("steps and batch_size must be >= 1")
+    if self.loss_weighting not in ("none", "min_snr", "v"):
+      raise ValueError(f"loss_weighting must be none, min_snr or v, got {self.loss_weighting!r}")
+    if self.loss_weighting == "min_snr" and self.snr_gamma <= 0:
+      raise ValueError(f"loss_weighting=min_snr needs snr_gamma > 0, got {self.snr_gamma}")
 
   @property
   def data_seed(self) -> int:

@@ -44,6 +44,8 @@ class StepSpec:
   kl_weight: float = 1e-3
   noise_offset: float = 0.0
   snr_gamma: float = 0.0
+  min_timestep: int = 0
+  loss_weighting: str = "none"
 
 
 def make_spec(cfg: TrainConfig, model: ModelConfig) -> StepSpec:
@@ -56,7 +58,8 @@ def make_spec(cfg: TrainConfig, model: ModelConfig) -> StepSpec:
       vae=AutoencoderKL(dataclasses.replace(model.vae, dtype=dt)),
       schedule=schedulers.NoiseSchedule.animatediff(),
       optim=resolve_optim(cfg.optim, cfg.steps), seed=cfg.seed, vae_chunk=cfg.vae_chunk,
-      kl_weight=cfg.vae_kl_weight, noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma)
+      kl_weight=cfg.vae_kl_weight, noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
+      min_timestep=cfg.min_timestep, loss_weighting=cfg.loss_weighting)
 
 
 def encode_latents(spec: StepSpec, vae_params, batch: dict, key) -> jax.Array:
@@ -95,7 +98,8 @@ def diffusion_loss(spec: StepSpec, tree: dict, batch: dict, key) -> tuple[jax.Ar
     b, c = latents.shape[0], latents.shape[-1]
     offset = jax.random.normal(k_off, (b, 1, 1, 1, c), jnp.float32)
     noise = noise + spec.noise_offset * offset
-  t = schedulers.sample_timesteps(k_t, latents.shape[0], spec.schedule.num_train_timesteps)
+  t = schedulers.sample_timesteps(k_t, latents.shape[0], spec.schedule.num_train_timesteps,
+                                 spec.min_timestep)
   noisy = schedulers.add_noise(spec.schedule, latents, noise, t)
   variables = {"params": tree["unet"]}
   if "lora" in tree:
@@ -103,10 +107,13 @@ def diffusion_loss(spec: StepSpec, tree: dict, batch: dict, key) -> tuple[jax.Ar
   pred = spec.unet.apply(variables, noisy, t, context)
   target = schedulers.training_target(spec.schedule, latents, noise, t)
   err = jnp.square(pred.astype(jnp.float32) - target)
-  if not spec.snr_gamma:
+  if spec.loss_weighting == "none":
     return jnp.mean(err), {}
   per_sample = jnp.mean(err, axis=tuple(range(1, err.ndim)))             # (B,)
-  weight = schedulers.min_snr_weight(spec.schedule, t, spec.snr_gamma)
+  if spec.loss_weighting == "min_snr":
+    weight = schedulers.min_snr_weight(spec.schedule, t, spec.snr_gamma)
+  else:
+    weight = schedulers.v_space_weight(spec.schedule, t)
   return jnp.mean(weight * per_sample), {"mse": jnp.mean(err)}
 
 
