@@ -281,3 +281,18 @@ def test_displacement_recovers_direction(direction, shape):
     assert synthetic.motion_direction(pipeline.to_model_range(clip), color) == direction
 
 
+
+
+def test_synthetic_fixed_background():
+  rand = synthetic.SyntheticMotionSource(6, frames=8, size=32, seed=1)
+  flat = synthetic.SyntheticMotionSource(6, frames=8, size=32, seed=1, background=40)
+  for i in range(6):
+    a, b = rand.params(i), flat.params(i)
+    assert (a.color, a.shape, a.direction, a.x0, a.y0, a.radius) == (b.color, b.shape, b.direction, b.x0, b.y0, b.radius)
+    video = flat[i]["video"]
+    assert b.background == 40 and b.texture_amp == 0.0
+    # Most of every frame is exactly the flat grey (no texture); the object is still found.
+    assert all(np.median(f.reshape(-1, 3), axis=0).tolist() == [40, 40, 40] for f in video)
+    assert synthetic.motion_direction(video) == b.direction
+  with pytest.raises(ValueError, match="grey level"):
+    synthetic.SyntheticMotionSource(2, background=300).params(0)

@@ -103,8 +103,12 @@ def render_clip(p: ClipParams, *, frames: int, size: int) -> np.ndarray:
 
 
 def sample_params(rng: np.random.Generator, *, frames: int, size: int,
-                  single_frame: bool = False) -> ClipParams:
-  """Random clip parameters; the whole path stays inside the frame."""
+                  single_frame: bool = False, background: Optional[int] = None) -> ClipParams:
+  """Random clip parameters; the whole path stays inside the frame. `background` (0..255):
+  that flat grey for every clip instead of a random dark/light, maybe textured one."""
+  fixed = background
+  if fixed is not None and not 0 <= fixed <= 255:
+    raise ValueError(f"background must be a grey level in 0..255, got {fixed}")
   color = str(rng.choice(list(COLORS)))
   shape = str(rng.choice(SHAPES))
   direction = None if single_frame else str(rng.choice(DIRECTIONS))
@@ -122,9 +126,12 @@ def sample_params(rng: np.random.Generator, *, frames: int, size: int,
   dark = rng.random() < 0.5
   background = int(rng.integers(15, 90) if dark else rng.integers(170, 236))
   texture_amp = 0.0 if rng.random() < 0.5 else float(rng.uniform(4.0, 12.0))
+  texture_seed = int(rng.integers(2**31))
+  if fixed is not None:               # drawn anyway above: the other parameters do not change
+    background, texture_amp = int(fixed), 0.0
   return ClipParams(color=color, shape=shape, direction=direction, x0=float(x0), y0=float(y0),
                     radius=radius, speed=travel / max(frames - 1, 1), background=background,
-                    texture_amp=texture_amp, texture_seed=int(rng.integers(2**31)))
+                    texture_amp=texture_amp, texture_seed=texture_seed)
 
 
 class SyntheticMotionSource:
@@ -135,12 +142,13 @@ class SyntheticMotionSource:
   """
 
   def __init__(self, num_examples: int, frames: int = 16, size: int = 64, seed: int = 0, *,
-               single_frame: bool = False):
+               single_frame: bool = False, background: Optional[int] = None):
     self.num_examples = num_examples
     self.frames = 1 if single_frame else frames
     self.size = size
     self.seed = seed
     self.single_frame = single_frame
+    self.background = background
 
   def __len__(self) -> int:
     return self.num_examples
@@ -149,7 +157,8 @@ class SyntheticMotionSource:
     if not 0 <= index < self.num_examples:
       raise IndexError(index)
     rng = np.random.default_rng((self.seed, index))
-    return sample_params(rng, frames=self.frames, size=self.size, single_frame=self.single_frame)
+    return sample_params(rng, frames=self.frames, size=self.size, single_frame=self.single_frame,
+                         background=self.background)
 
   def __getitem__(self, index: int) -> dict:
     p = self.params(int(index))

@@ -28,6 +28,7 @@ class DataConfig:
   synthetic_size: int = 64             # synthetic: rendered frame size
   synthetic_frames: int = 16           # synthetic: rendered clip length
   synthetic_still: bool = False        # synthetic: still images captioned "a red circle"
+  synthetic_background: Optional[int] = None  # synthetic: one flat grey level (0..255) instead of random backgrounds
   sample_size: int = 256
   sample_stride: int = 4
   sample_n_frames: int = 16

@@ -24,7 +24,8 @@ ARRAY_KEYS = ("video", "latent_mean", "latent_std", "text_emb")
 def make_source(data: DataConfig):
   if data.source == "synthetic":
     return SyntheticMotionSource(data.num_examples, frames=data.synthetic_frames,
-                                 size=data.synthetic_size, seed=0, single_frame=data.synthetic_still)
+                                 size=data.synthetic_size, seed=0, single_frame=data.synthetic_still,
+                                 background=data.synthetic_background)
   if data.source == "webvid":
     if not data.csv_path or not data.video_folder:
       raise ValueError("data.source=webvid needs data.csv_path and data.video_folder")
