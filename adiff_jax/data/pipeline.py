@@ -35,6 +35,7 @@ class ClipConfig:
   sample_stride: int = 4
   sample_n_frames: int = 16
   single_frame: bool = False       # image / domain-adapter training: one random frame (F = 1)
+  first_frame: bool = False        # single_frame: always the clip's first frame instead
   min_frames: Optional[int] = None  # videos with fewer frames are skipped; None: F (1 in single-frame)
   random_flip: bool = True
   empty_text_prob: float = 0.0     # caption -> "" with this probability (official training: 0.1)
@@ -62,7 +63,7 @@ def clip_indices(num_frames: int, sample_stride: int, sample_n_frames: int, u: f
 
 def frame_indices(cfg: ClipConfig, num_frames: int, u: float) -> np.ndarray:
   if cfg.single_frame:
-    return np.array([min(int(u * num_frames), num_frames - 1)])
+    return np.array([0 if cfg.first_frame else min(int(u * num_frames), num_frames - 1)])
   return clip_indices(num_frames, cfg.sample_stride, cfg.sample_n_frames, u)
 
 

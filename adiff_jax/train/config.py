@@ -33,6 +33,7 @@ class DataConfig:
   sample_stride: int = 4
   sample_n_frames: int = 16
   single_frame: bool = False           # one random frame per example (image / domain adapter)
+  first_frame: bool = False            # single-frame stages: the clip's first frame, not a random one
   min_frames: Optional[int] = None
   random_flip: bool = True
   empty_text_prob: float = 0.1         # official cfg_random_null_text_ratio

@@ -61,7 +61,8 @@ def clip_config(cfg: TrainConfig) -> ClipConfig:
   # Image stages (domain adapter, image, vae) always train on single frames.
   single = d.single_frame or cfg.stage in IMAGE_STAGES
   return ClipConfig(sample_size=d.sample_size, sample_stride=d.sample_stride,
-                    sample_n_frames=d.sample_n_frames, single_frame=single, min_frames=d.min_frames,
+                    sample_n_frames=d.sample_n_frames, single_frame=single, first_frame=d.first_frame,
+                    min_frames=d.min_frames,
                     random_flip=d.random_flip, empty_text_prob=d.empty_text_prob)
 
 
