@@ -296,3 +296,10 @@ def test_synthetic_fixed_background():
     assert synthetic.motion_direction(video) == b.direction
   with pytest.raises(ValueError, match="grey level"):
     synthetic.SyntheticMotionSource(2, background=300).params(0)
+
+
+def test_single_frame_first_frame():
+  cfg = ClipConfig(sample_size=32, single_frame=True, first_frame=True)
+  assert all(pipeline.frame_indices(cfg, 16, u).tolist() == [0] for u in (0.0, 0.5, 0.99))
+  rand = ClipConfig(sample_size=32, single_frame=True)
+  assert pipeline.frame_indices(rand, 16, 0.99).tolist() == [15]
