@@ -57,7 +57,7 @@ def main():
                           text=True).stdout.strip() or "unknown"
   lines = ["# The built-in tiny model", "",
            "Trained from scratch by `train.py` on the built-in synthetic moving-shapes dataset "
-           f"(code at commit {commit}), 2 CPU cores, then packed by `tools/ship_tiny_model.py` "
+           f"on 2 CPU cores, then packed by `tools/ship_tiny_model.py` at commit {commit} "
            "(weights cast to fp16).", "", "```bash"]
   lines += [f"python train.py --config {cfg}" for _, cfg, _ in STAGES[:2]]
   lines.append(f"python train.py --config {STAGES[2][1]} model=runs/tiny_image/export/model")
