@@ -43,7 +43,7 @@ class StepSpec:
   vae_chunk: int = 0          # frames per encoder call; 0: all frames at once
   kl_weight: float = 1e-3
   noise_offset: float = 0.0
-  snr_gamma: float = 0.0
+  snr_gamma: float = 5.0       # used when loss_weighting == "min_snr"
   min_timestep: int = 0
   loss_weighting: str = "none"
 
