@@ -27,6 +27,7 @@ import numpy as np
 from adiff_jax.data.synthetic import (COLORS, DIRECTIONS, SHAPES, caption_for, motion_direction,
                                       object_centroid)
 from adiff_jax.pipeline import Pipeline, SamplingConfig
+from adiff_jax.train.state import split
 from bench.results import add_row, command
 
 
@@ -78,7 +79,7 @@ def main():
   for name, model, p, lo in [
       ("with motion module", cfg, params, lora),
       ("image model alone", dataclasses.replace(cfg, motion=None),
-       dict(params, unet=_strip_motion(params["unet"])), None)]:
+       dict(params, unet=split(params["unet"], lambda p: "motion_modules_" in p)[1]), None)]:
     r = results[name] = evaluate(Pipeline(model, p, lora=lo), cases, sc, args.batch)
     per_dir = ", ".join(f"{d} {np.mean([q == d for q, c in zip(r['preds'], cases) if c[2] == d]):.0%}"
                         for d in DIRECTIONS)
@@ -94,13 +95,6 @@ def main():
   add_row(args.results, "Motion evaluation (bench/motion_eval.py)",
           "| date | model | samples | direction accuracy, motion module | image model alone | chance | "
           "prompted colour (mm / alone) | command |\n|---|---|---|---|---|---|---|---|", row)
-
-
-def _strip_motion(tree):
-  """The UNet tree without its motion-module subtrees."""
-  if not isinstance(tree, dict):
-    return tree
-  return {k: _strip_motion(v) for k, v in tree.items() if not k.startswith("motion_modules_")}
 
 
 if __name__ == "__main__":

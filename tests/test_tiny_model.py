@@ -7,7 +7,6 @@ still move things as prompted on a few fixed prompts (a cheap slice of bench/mot
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np

@@ -2,9 +2,10 @@
 
 Cheap (pure numpy, anti-aliased edges), deterministic per (seed, index), and with captions
 whose motion words can be checked on generated videos: `object_centroid` / `motion_direction`
-locate the object by colour and recover its direction, which the motion-accuracy evaluation
-uses (by colour, or colour-blind by saturation). Backgrounds are neutral greys (dark or light, optionally with a faint smooth texture) so
-that every palette colour stays far from the background in RGB.
+locate the object (by colour, or colour-blind by saturation) and recover its direction, which
+the motion-accuracy evaluation uses. Backgrounds are neutral greys (dark or light, optionally
+with a faint smooth texture, or one fixed flat grey) so that every palette colour stays far
+from the background in RGB.
 """
 from __future__ import annotations
 
