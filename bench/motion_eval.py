@@ -9,7 +9,8 @@ background grey, so a wrong hue does not hide the motion) and fits its displacem
 counts as correct when the dominant direction equals the prompt's (a static or missing object
 counts as wrong). The baseline is the same model with the motion modules removed (the frozen
 image model alone: frames are denoised independently). Also reported: how often the object has
-the prompted colour. Appends the figures and the command to bench/RESULTS.md.
+the prompted colour (`object_color`: an object-sized saturated region whose hue is the prompt's,
+so noise does not count). Appends the figures and the command to bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 
 from adiff_jax.data.synthetic import (COLORS, DIRECTIONS, SHAPES, caption_for, motion_direction,
-                                      object_centroid)
+                                      object_color)
 from adiff_jax.pipeline import Pipeline, SamplingConfig
 from adiff_jax.train.state import split
 from bench.results import add_row, command
@@ -41,8 +42,8 @@ def evaluate(pipe: Pipeline, cases, sc: SamplingConfig, batch: int) -> dict:
     for (color, _, _, _), video in zip(chunk, frames):
       video = np.rint(np.asarray(video) * 255).astype(np.uint8)
       preds.append(motion_direction(video))
-      # Prompted colour present in at least half the frames.
-      colored.append(sum(object_centroid(f, color) is not None for f in video) >= len(video) / 2)
+      # An object-sized region of the prompted colour in at least half the frames.
+      colored.append(sum(object_color(f) == color for f in video) >= len(video) / 2)
   n = len(cases)
   return {"accuracy": sum(p == d for p, (_, _, d, _) in zip(preds, cases)) / n,
           "moving": sum(p is not None for p in preds) / n, "color": sum(colored) / n,

@@ -1,6 +1,7 @@
 """Data pipeline: sampling rule, decoding, skipping, sharding, resume, TFDS round trip, synthetic."""
 import csv
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -303,3 +304,50 @@ def test_single_frame_first_frame():
   assert all(pipeline.frame_indices(cfg, 16, u).tolist() == [0] for u in (0.0, 0.5, 0.99))
   rand = ClipConfig(sample_size=32, single_frame=True)
   assert pipeline.frame_indices(rand, 16, 0.99).tolist() == [15]
+
+
+@pytest.mark.parametrize("direction", synthetic.DIRECTIONS)
+def test_synthetic_trail_behind_the_object(direction):
+  # A big red circle on flat grey 40: hand-computed opacity of the trail at points along the path.
+  p = synthetic.ClipParams(color="red", shape="circle", direction=direction, x0=32.0, y0=32.0,
+                           radius=8.0, speed=1.0, background=40, trail=True)
+  frame = synthetic.render_clip(p, frames=1, size=64)[0].astype(np.float32)
+  ux, uy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+  red, bg = np.array([220, 40, 40], np.float32), np.float32(40)
+  at = lambda k: frame[int(32 + uy * k * 8), int(32 + ux * k * 8)]   # k radii along the motion
+  np.testing.assert_allclose(at(0), red, atol=1)                      # the object itself
+  np.testing.assert_allclose(at(-1.25), bg + 0.55 * (red - bg), atol=1)  # first ghost only
+  np.testing.assert_allclose(at(-2.25), bg + 0.18 * (red - bg), atol=1)  # last ghost only
+  np.testing.assert_allclose(at(1.25), [40, 40, 40], atol=0)          # nothing ahead
+  # Without the trail the same parameters render the plain object.
+  plain = synthetic.render_clip(dataclasses.replace(p, trail=False), frames=1, size=64)[0]
+  np.testing.assert_allclose(plain[int(32 - uy * 10), int(32 - ux * 10)], [40, 40, 40], atol=0)
+
+
+def test_synthetic_trail_keeps_tracking():
+  src = synthetic.SyntheticMotionSource(12, frames=16, size=64, seed=3, background=40, trail=True)
+  plain = synthetic.SyntheticMotionSource(12, frames=16, size=64, seed=3, background=40)
+  for i in range(12):
+    assert dataclasses.replace(src.params(i), trail=False) == plain.params(i)
+    # The trail moves with the object: colour-blind tracking still finds the direction.
+    assert synthetic.motion_direction(src[i]["video"]) == src.params(i).direction
+
+
+@pytest.mark.parametrize("trail", [False, True])
+def test_object_color(trail):
+  # Every palette colour on dark, light and textured backgrounds, every shape and direction.
+  for background in (20, 80, 180, 230):
+    for i, (color, shape, direction) in enumerate(itertools.product(
+        synthetic.COLORS, synthetic.SHAPES, synthetic.DIRECTIONS)):
+      p = synthetic.ClipParams(color=color, shape=shape, direction=direction, x0=30.0, y0=34.0,
+                               radius=6.0, speed=1.0, background=background,
+                               texture_amp=8.0 * (i % 2), texture_seed=i, trail=trail)
+      frame = synthetic.render_clip(p, frames=1, size=64)[0]
+      assert synthetic.object_color(frame) == color, (p, synthetic.object_color(frame))
+  # No object: a plain frame, a speck, and saturated noise everywhere.
+  rng = np.random.default_rng(0)
+  assert synthetic.object_color(np.full((64, 64, 3), 40, np.uint8)) is None
+  speck = np.full((64, 64, 3), 40, np.uint8)
+  speck[10:12, 10:12] = synthetic.COLORS["red"]
+  assert synthetic.object_color(speck) is None
+  assert synthetic.object_color(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) is None

@@ -27,6 +27,8 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 # Unit motion per direction in image coordinates (x right, y down).
 _DIRECTION_XY = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+# (distance behind the centre in radii, opacity) of the trail's ghosts.
+_TRAIL = ((0.5, 0.55), (1.0, 0.35), (1.5, 0.18))
 _HFLIP = {"left": "right", "right": "left", "up": "up", "down": "down"}
 
 
@@ -48,6 +50,7 @@ class ClipParams:
   background: int = 50            # grey level 0..255
   texture_amp: float = 0.0        # amplitude of the smooth background texture (grey levels)
   texture_seed: int = 0
+  trail: bool = False             # fading ghosts behind a moving object (see `render_clip`)
 
   def caption(self) -> str:
     return caption_for(self.color, self.shape, self.direction)
@@ -96,7 +99,16 @@ def render_clip(p: ClipParams, *, frames: int, size: int) -> np.ndarray:
   grid = np.arange(size, dtype=np.float32)
   dx = grid[None, None, :] - c[:, 0, None, None]
   dy = grid[None, :, None] - c[:, 1, None, None]
-  alpha = _coverage(p.shape, dx, dy, p.radius)[..., None]            # (T, S, S, 1)
+  alpha = _coverage(p.shape, dx, dy, p.radius)                       # (T, S, S)
+  if p.trail and p.direction is not None:
+    # Fading copies behind the object, like a long exposure: a single frame then shows which way
+    # the object goes (as a real car or animal faces its way), so an image model trained on single
+    # frames has to read the direction word, and the motion module can read it from its features.
+    ux, uy = _DIRECTION_XY[p.direction]
+    for dist, weight in _TRAIL:
+      d = dist * p.radius
+      alpha = np.maximum(alpha, weight * _coverage(p.shape, dx + ux * d, dy + uy * d, p.radius))
+  alpha = alpha[..., None]                                            # (T, S, S, 1)
   bg = _background(p, size)[None, :, :, None]
   color = np.asarray(COLORS[p.color], np.float32)
   out = bg * (1.0 - alpha) + color * alpha
@@ -104,9 +116,11 @@ def render_clip(p: ClipParams, *, frames: int, size: int) -> np.ndarray:
 
 
 def sample_params(rng: np.random.Generator, *, frames: int, size: int,
-                  single_frame: bool = False, background: Optional[int] = None) -> ClipParams:
+                  single_frame: bool = False, background: Optional[int] = None,
+                  trail: bool = False) -> ClipParams:
   """Random clip parameters; the whole path stays inside the frame. `background` (0..255):
-  that flat grey for every clip instead of a random dark/light, maybe textured one."""
+  that flat grey for every clip instead of a random dark/light, maybe textured one. `trail`:
+  moving objects draw a fading trail (the other parameters do not change)."""
   fixed = background
   if fixed is not None and not 0 <= fixed <= 255:
     raise ValueError(f"background must be a grey level in 0..255, got {fixed}")
@@ -132,24 +146,26 @@ def sample_params(rng: np.random.Generator, *, frames: int, size: int,
     background, texture_amp = int(fixed), 0.0
   return ClipParams(color=color, shape=shape, direction=direction, x0=float(x0), y0=float(y0),
                     radius=radius, speed=travel / max(frames - 1, 1), background=background,
-                    texture_amp=texture_amp, texture_seed=texture_seed)
+                    texture_amp=texture_amp, texture_seed=texture_seed, trail=trail)
 
 
 class SyntheticMotionSource:
   """Random-access source of `{"video": uint8 (F, S, S, 3), "text", "text_flipped"}`.
 
   Example i depends only on (seed, i). `single_frame=True` renders still images captioned
-  "a red circle" (positions vary) for image / domain-adapter training.
+  "a red circle" (positions vary) for image / domain-adapter training. `background`: one flat
+  grey level; `trail`: moving objects draw a fading trail (see `sample_params`).
   """
 
   def __init__(self, num_examples: int, frames: int = 16, size: int = 64, seed: int = 0, *,
-               single_frame: bool = False, background: Optional[int] = None):
+               single_frame: bool = False, background: Optional[int] = None, trail: bool = False):
     self.num_examples = num_examples
     self.frames = 1 if single_frame else frames
     self.size = size
     self.seed = seed
     self.single_frame = single_frame
     self.background = background
+    self.trail = trail
 
   def __len__(self) -> int:
     return self.num_examples
@@ -159,7 +175,7 @@ class SyntheticMotionSource:
       raise IndexError(index)
     rng = np.random.default_rng((self.seed, index))
     return sample_params(rng, frames=self.frames, size=self.size, single_frame=self.single_frame,
-                         background=self.background)
+                         background=self.background, trail=self.trail)
 
   def __getitem__(self, index: int) -> dict:
     p = self.params(int(index))
@@ -199,6 +215,26 @@ def object_centroid(frame: np.ndarray, color: Optional[str] = None, *, min_pixel
   if len(xs) < min_pixels:
     return None
   return np.array([xs.mean(), ys.mean()], np.float32)
+
+
+def object_color(frame: np.ndarray, *, min_pixels: int = 12, max_fraction: float = 0.25,
+                 **kw) -> Optional[str]:
+  """The palette colour of the object (the saturated pixels of `object_mask(frame)`), or None
+  when there is no object-sized region (fewer than `min_pixels`, or more than `max_fraction` of
+  the frame: a noisy image is saturated everywhere). Each pixel votes, weighted by its distance
+  from the background (the median grey of the rest), for the palette colour whose offset from
+  the background points the same way: faded trail pixels vote for their object's colour."""
+  f = _to_uint8_range(frame)
+  mask = object_mask(f, **kw)
+  n = int(mask.sum())
+  if n < min_pixels or n > max_fraction * mask.size:
+    return None
+  bg = np.median(f[~mask], axis=0)
+  off = f[mask] - bg                                                 # (n, 3)
+  pal = np.stack([np.asarray(c, np.float32) for c in COLORS.values()]) - bg
+  cos = (off @ pal.T) / (np.linalg.norm(off, axis=1, keepdims=True) * np.linalg.norm(pal, axis=1) + 1e-6)
+  votes = np.bincount(cos.argmax(1), weights=np.linalg.norm(off, axis=1), minlength=len(COLORS))
+  return list(COLORS)[int(votes.argmax())]
 
 
 def motion_displacement(frames: np.ndarray, color: Optional[str] = None, **kw) -> Optional[np.ndarray]:

@@ -29,6 +29,7 @@ class DataConfig:
   synthetic_frames: int = 16           # synthetic: rendered clip length
   synthetic_still: bool = False        # synthetic: still images captioned "a red circle"
   synthetic_background: Optional[int] = None  # synthetic: one flat grey level (0..255) instead of random backgrounds
+  synthetic_trail: bool = False        # synthetic: moving objects draw a fading trail (direction visible in one frame)
   sample_size: int = 256
   sample_stride: int = 4
   sample_n_frames: int = 16
