@@ -344,6 +344,9 @@ def test_object_color(trail):
                                texture_amp=8.0 * (i % 2), texture_seed=i, trail=trail)
       frame = synthetic.render_clip(p, frames=1, size=64)[0]
       assert synthetic.object_color(frame) == color, (p, synthetic.object_color(frame))
+      # A generated frame: tinted, noisy background, in model range [-1, 1].
+      noisy = frame + np.array([-4, 2, 7]) + np.random.default_rng(i).normal(0, 3, frame.shape)
+      assert synthetic.object_color(np.clip(noisy, 0, 255) / 127.5 - 1) == color
   # No object: a plain frame, a speck, and saturated noise everywhere.
   rng = np.random.default_rng(0)
   assert synthetic.object_color(np.full((64, 64, 3), 40, np.uint8)) is None

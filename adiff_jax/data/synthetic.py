@@ -224,8 +224,8 @@ def object_color(frame: np.ndarray, *, min_pixels: int = 12, max_fraction: float
   the frame: a noisy image is saturated everywhere). Each pixel votes, weighted by its distance
   from the background (the median grey of the rest), for the palette colour whose offset from
   the background points the same way: faded trail pixels vote for their object's colour."""
+  mask = object_mask(frame, **kw)
   f = _to_uint8_range(frame)
-  mask = object_mask(f, **kw)
   n = int(mask.sum())
   if n < min_pixels or n > max_fraction * mask.size:
     return None
