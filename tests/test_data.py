@@ -354,3 +354,12 @@ def test_object_color(trail):
   speck[10:12, 10:12] = synthetic.COLORS["red"]
   assert synthetic.object_color(speck) is None
   assert synthetic.object_color(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) is None
+
+
+def test_trail_direction_reads_single_frames():
+  src = synthetic.SyntheticMotionSource(64, frames=16, size=64, seed=5, background=40, trail=True)
+  for i in range(64):
+    frame = src[i]["video"][i % 16]
+    assert synthetic.trail_direction(frame) == src.params(i).direction
+  # An empty frame has no heading.
+  assert synthetic.trail_direction(np.full((64, 64, 3), 40, np.uint8)) is None

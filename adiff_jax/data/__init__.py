@@ -7,5 +7,6 @@ from adiff_jax.data.pipeline import (
     resize_center_crop, shard_dataset, to_model_range)
 from adiff_jax.data.synthetic import (
     COLORS, DIRECTIONS, SHAPES, ClipParams, SyntheticMotionSource, caption_for, motion_direction,
-    motion_displacement, object_centroid, object_color, render_clip, sample_params)
+    motion_displacement, object_centroid, object_color, render_clip, sample_params,
+    trail_direction)
 from adiff_jax.data.webvid import VideoTooShort, WebVidSource, read_video_frames, write_video

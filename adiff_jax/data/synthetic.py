@@ -237,6 +237,25 @@ def object_color(frame: np.ndarray, *, min_pixels: int = 12, max_fraction: float
   return list(COLORS)[int(votes.argmax())]
 
 
+def trail_direction(frame: np.ndarray, *, chroma_threshold: float = 60.0,
+                    min_pixels: int = 8) -> Optional[str]:
+  """Direction a single frame's object is heading, read from its trail (`trail=True` clips):
+  the most saturated part (the object) sits ahead of the centroid of all saturated pixels
+  (object + fading trail). None without an object."""
+  f = _to_uint8_range(frame)
+  chroma = f.max(-1) - f.min(-1)
+  mask = chroma > chroma_threshold
+  if mask.sum() < min_pixels:
+    return None
+  core = chroma > 0.8 * chroma[mask].max()
+  ys, xs = np.nonzero(mask)
+  yc, xc = np.nonzero(core)
+  dx, dy = xc.mean() - xs.mean(), yc.mean() - ys.mean()
+  if abs(dx) >= abs(dy):
+    return "right" if dx > 0 else "left"
+  return "down" if dy > 0 else "up"
+
+
 def motion_displacement(frames: np.ndarray, color: Optional[str] = None, **kw) -> Optional[np.ndarray]:
   """(dx, dy) first-to-last displacement of the object (found by `color`, or by saturation when
   None), from a least-squares line through the per-frame centroids (robust to frames where the
