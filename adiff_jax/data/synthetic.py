@@ -195,6 +195,17 @@ def _to_uint8_range(frames: np.ndarray) -> np.ndarray:
   return frames.astype(np.float32)
 
 
+def _chroma(f: np.ndarray) -> np.ndarray:
+  """(H, W) max - min over RGB: 0 for greys, large for every palette colour."""
+  return f.max(-1) - f.min(-1)
+
+
+def _dominant_direction(dx: float, dy: float) -> str:
+  if abs(dx) >= abs(dy):
+    return "right" if dx > 0 else "left"
+  return "down" if dy > 0 else "up"
+
+
 def object_mask(frame: np.ndarray, color: Optional[str] = None, *, threshold: float = 80.0,
                 chroma_threshold: float = 60.0) -> np.ndarray:
   """(H, W) bool mask of the object. With `color`: pixels within `threshold` (RGB distance,
@@ -203,7 +214,7 @@ def object_mask(frame: np.ndarray, color: Optional[str] = None, *, threshold: fl
   finds the object whatever colour a model gave it. frame: (H, W, 3) uint8 or [-1, 1] floats."""
   f = _to_uint8_range(frame)
   if color is None:
-    return (f.max(-1) - f.min(-1)) > chroma_threshold
+    return _chroma(f) > chroma_threshold
   return np.linalg.norm(f - np.asarray(COLORS[color], np.float32), axis=-1) < threshold
 
 
@@ -242,18 +253,14 @@ def trail_direction(frame: np.ndarray, *, chroma_threshold: float = 60.0,
   """Direction a single frame's object is heading, read from its trail (`trail=True` clips):
   the most saturated part (the object) sits ahead of the centroid of all saturated pixels
   (object + fading trail). None without an object."""
-  f = _to_uint8_range(frame)
-  chroma = f.max(-1) - f.min(-1)
+  chroma = _chroma(_to_uint8_range(frame))
   mask = chroma > chroma_threshold
   if mask.sum() < min_pixels:
     return None
   core = chroma > 0.8 * chroma[mask].max()
   ys, xs = np.nonzero(mask)
   yc, xc = np.nonzero(core)
-  dx, dy = xc.mean() - xs.mean(), yc.mean() - ys.mean()
-  if abs(dx) >= abs(dy):
-    return "right" if dx > 0 else "left"
-  return "down" if dy > 0 else "up"
+  return _dominant_direction(xc.mean() - xs.mean(), yc.mean() - ys.mean())
 
 
 def motion_displacement(frames: np.ndarray, color: Optional[str] = None, **kw) -> Optional[np.ndarray]:
@@ -279,7 +286,4 @@ def motion_direction(frames: np.ndarray, color: Optional[str] = None, *, min_dis
   d = motion_displacement(frames, color, **kw)
   if d is None or float(np.abs(d).max()) < min_displacement:
     return None
-  dx, dy = float(d[0]), float(d[1])
-  if abs(dx) >= abs(dy):
-    return "right" if dx > 0 else "left"
-  return "down" if dy > 0 else "up"
+  return _dominant_direction(float(d[0]), float(d[1]))
