@@ -16,7 +16,6 @@ modules, cheap: single frames):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import os
 import sys
@@ -27,7 +26,7 @@ import numpy as np
 
 from adiff_jax.data.synthetic import DIRECTIONS, SHAPES, caption_for, trail_direction
 from adiff_jax.pipeline import Pipeline, SamplingConfig
-from adiff_jax.train.state import split
+from bench.motion_eval import image_model_alone
 
 
 def word_sensitivity(pipe: Pipeline) -> dict[str, tuple[float, float]]:
@@ -58,10 +57,7 @@ def main():
 
   import sample
   cfg, params, _, desc = sample.load_model(sample.parse_args(["--ckpt", args.ckpt]))
-  # The image model alone: drop any motion modules.
-  cfg = dataclasses.replace(cfg, motion=None)
-  params = dict(params, unet=split(params["unet"], lambda p: "motion_modules_" in p)[1])
-  pipe = Pipeline(cfg, params)
+  pipe = Pipeline(*image_model_alone(cfg, params))
   print(f"model: {desc}")
   for kind, (own, after) in word_sensitivity(pipe).items():
     print(f"text encoder, {kind:9s} word swapped: {own:.1%} change at its token, "

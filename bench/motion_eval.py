@@ -32,6 +32,12 @@ from adiff_jax.train.state import split
 from bench.results import add_row, command
 
 
+def image_model_alone(cfg, params: dict):
+  """(ModelConfig, params) of the frozen image model: the motion modules removed."""
+  return (dataclasses.replace(cfg, motion=None),
+          dict(params, unet=split(params["unet"], lambda p: "motion_modules_" in p)[1]))
+
+
 def evaluate(pipe: Pipeline, cases, sc: SamplingConfig, batch: int) -> dict:
   """Direction accuracy, rate of moving objects found, rate of prompted colour, predictions."""
   preds, colored = [], []
@@ -79,8 +85,7 @@ def main():
   results = {}
   for name, model, p, lo in [
       ("with motion module", cfg, params, lora),
-      ("image model alone", dataclasses.replace(cfg, motion=None),
-       dict(params, unet=split(params["unet"], lambda p: "motion_modules_" in p)[1]), None)]:
+      ("image model alone", *image_model_alone(cfg, params), None)]:
     r = results[name] = evaluate(Pipeline(model, p, lora=lo), cases, sc, args.batch)
     per_dir = ", ".join(f"{d} {np.mean([q == d for q, c in zip(r['preds'], cases) if c[2] == d]):.0%}"
                         for d in DIRECTIONS)
