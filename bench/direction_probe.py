@@ -3,13 +3,16 @@
   python bench/direction_probe.py --ckpt runs/tiny_image/export/model
 
 AnimateDiff's motion module has no text input: "moving left" can steer it only through what the
-frozen image model does with those words. Two measurements on the image model alone (no motion
+frozen image model does with those words. Three measurements on the image model alone (no motion
 modules, cheap: single frames):
 
 1. Text encoder: how much swapping one word changes the CLIP hidden states (relative L2 change,
    at the word's own token and averaged over the end/padding tokens that follow), for colour,
    shape and direction words. A word that barely moves the hidden states cannot steer anything.
-2. Images: with `data.synthetic_trail` the training frames show their direction (a fading trail
+2. Denoising loss: on real frames with trails, how much larger the UNet's noise-prediction error
+   gets when the caption's colour or direction word is wrong (same frames, noise and t). ~0%
+   means the model has not learned to use the word at all.
+3. Images: with `data.synthetic_trail` the training frames show their direction (a fading trail
    behind the object); `trail_direction` reads it back from single-frame samples of
    "a {color} {shape} moving {direction}". Chance is 25%.
 """
@@ -22,27 +25,63 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from adiff_jax.data.synthetic import DIRECTIONS, SHAPES, caption_for, trail_direction
+from adiff_jax.data.synthetic import (COLORS, DIRECTIONS, SHAPES, caption_for, render_clip,
+                                      sample_params, trail_direction)
 from adiff_jax.pipeline import Pipeline, SamplingConfig
+from adiff_jax.schedulers import add_noise
+from adiff_jax.vae import encode_video
 from bench.motion_eval import image_model_alone
+
+
+_BASE = ("red", "circle", "left")
+_SWAPS = {"colour": ("blue", "circle", "left"), "shape": ("red", "square", "left"),
+          "direction": ("red", "circle", "right")}
+_LOSS_T = (900, 600, 300)                                           # high, mid, low noise
 
 
 def word_sensitivity(pipe: Pipeline) -> dict[str, tuple[float, float]]:
   """{kind: (change at the swapped token, mean change over the following tokens)}."""
-  base = ("red", "circle", "left")
-  swaps = {"colour": ("blue", "circle", "left"), "shape": ("red", "square", "left"),
-           "direction": ("red", "circle", "right")}
-  caps = [caption_for(*base)] + [caption_for(*s) for s in swaps.values()]
+  caps = [caption_for(*_BASE)] + [caption_for(*s) for s in _SWAPS.values()]
   ids = np.asarray(pipe.tokenizer(caps))
   emb = np.asarray(pipe.encode_prompts(caps))                       # (4, L, D)
   scale = np.linalg.norm(emb[0], axis=-1).mean()
   out = {}
-  for i, kind in enumerate(swaps, 1):
+  for i, kind in enumerate(_SWAPS, 1):
     pos = int(np.nonzero(ids[i] != ids[0])[0][0])                   # the swapped word's token
     diff = np.linalg.norm(emb[i] - emb[0], axis=-1) / scale
     out[kind] = (float(diff[pos]), float(diff[pos + 1:].mean()))
+  return out
+
+
+def word_loss(pipe: Pipeline, size: int, n: int = 64, timesteps=_LOSS_T) -> dict:
+  """{kind: [relative increase of the denoising MSE with that word wrong, per timestep]}."""
+  rng = np.random.default_rng(0)
+  opposite = dict(zip(DIRECTIONS, ("right", "left", "down", "up")))
+  colours = list(COLORS)
+  frames, caps = [], {"right": [], "colour": [], "direction": []}
+  for _ in range(n):
+    p = sample_params(rng, frames=16, size=size, background=40, trail=True)
+    frames.append(render_clip(p, frames=16, size=size)[8])                  # mid-clip frame
+    caps["right"].append(caption_for(p.color, p.shape, p.direction))
+    wrong = colours[(colours.index(p.color) + 1) % len(colours)]
+    caps["colour"].append(caption_for(wrong, p.shape, p.direction))
+    caps["direction"].append(caption_for(p.color, p.shape, opposite[p.direction]))
+  video = jnp.asarray(np.stack(frames)[:, None], jnp.float32) / 127.5 - 1   # (n, 1, S, S, 3)
+  z = encode_video(pipe.vae, {"params": pipe.params["vae"]}, video)
+  ctx = {k: pipe.encode_prompts(v) for k, v in caps.items()}
+  apply = jax.jit(lambda x, t, c: pipe.unet.apply({"params": pipe.params["unet"]}, x, t, c))
+  out = {"colour": [], "direction": []}
+  for t in timesteps:
+    tt = jnp.full((n,), t)
+    noise = jax.random.normal(jax.random.key(t), z.shape)
+    xt = add_noise(SamplingConfig().schedule, z, noise, tt)
+    mse = {k: float(jnp.mean((apply(xt, tt, c) - noise) ** 2)) for k, c in ctx.items()}
+    for kind in out:
+      out[kind].append(mse[kind] / mse["right"] - 1)
   return out
 
 
@@ -62,6 +101,9 @@ def main():
   for kind, (own, after) in word_sensitivity(pipe).items():
     print(f"text encoder, {kind:9s} word swapped: {own:.1%} change at its token, "
           f"{after:.1%} over the tokens after it")
+  for kind, rise in word_loss(pipe, args.size).items():
+    print(f"denoising loss with a wrong {kind:9s} word: "
+          + ", ".join(f"{r:+.1%} at t={t}" for r, t in zip(rise, _LOSS_T)))
 
   cases = list(itertools.product(args.colors.split(","), SHAPES, DIRECTIONS))
   prompts = [caption_for(*c) for c in cases]
