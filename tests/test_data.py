@@ -333,6 +333,21 @@ def test_synthetic_trail_keeps_tracking():
     assert synthetic.motion_direction(src[i]["video"]) == src.params(i).direction
 
 
+def test_synthetic_travel_range():
+  slow = synthetic.SyntheticMotionSource(30, frames=16, size=64, seed=2, background=40, travel_range=(0.1, 0.2))
+  default = synthetic.SyntheticMotionSource(30, frames=16, size=64, seed=2, background=40)
+  for i in range(30):
+    p, q = slow.params(i), default.params(i)
+    assert (p.color, p.shape, p.direction, p.radius) == (q.color, q.shape, q.direction, q.radius)
+    for params, (lo, hi) in ((p, (0.1, 0.2)), (q, (0.3, 0.5))):
+      c = params.centers(16)                                          # (16, 2) x, y
+      dist = float(np.abs(c[-1] - c[0]).sum())                        # along one axis only
+      assert lo * 64 - 1e-3 <= dist <= hi * 64 + 1e-3, (params, dist)
+      assert np.all(c - params.radius >= 0) and np.all(c + params.radius <= 64)
+    # Slow clips are still tracked to their direction.
+    assert synthetic.motion_direction(slow[i]["video"]) == p.direction
+
+
 @pytest.mark.parametrize("trail", [False, True])
 def test_object_color(trail):
   # Every palette colour on dark, light and textured backgrounds, every shape and direction.

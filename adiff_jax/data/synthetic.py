@@ -117,10 +117,11 @@ def render_clip(p: ClipParams, *, frames: int, size: int) -> np.ndarray:
 
 def sample_params(rng: np.random.Generator, *, frames: int, size: int,
                   single_frame: bool = False, background: Optional[int] = None,
-                  trail: bool = False) -> ClipParams:
+                  trail: bool = False, travel_range: tuple[float, float] = (0.3, 0.5)) -> ClipParams:
   """Random clip parameters; the whole path stays inside the frame. `background` (0..255):
   that flat grey for every clip instead of a random dark/light, maybe textured one. `trail`:
-  moving objects draw a fading trail (the other parameters do not change)."""
+  moving objects draw a fading trail (the other parameters do not change). `travel_range`: the
+  first-to-last-frame distance is drawn uniformly from it, in frame sizes."""
   fixed = background
   if fixed is not None and not 0 <= fixed <= 255:
     raise ValueError(f"background must be a grey level in 0..255, got {fixed}")
@@ -129,7 +130,7 @@ def sample_params(rng: np.random.Generator, *, frames: int, size: int,
   direction = None if single_frame else str(rng.choice(DIRECTIONS))
   radius = float(size * rng.uniform(0.09, 0.15))
   lo, hi = radius + 1.0, size - radius - 1.0
-  travel = 0.0 if direction is None or frames < 2 else float(size * rng.uniform(0.3, 0.5))
+  travel = 0.0 if direction is None or frames < 2 else float(size * rng.uniform(*travel_range))
   travel = min(travel, hi - lo)
   along = rng.uniform(lo, hi - travel)   # start for a positive direction
   across = rng.uniform(lo, hi)
@@ -158,7 +159,8 @@ class SyntheticMotionSource:
   """
 
   def __init__(self, num_examples: int, frames: int = 16, size: int = 64, seed: int = 0, *,
-               single_frame: bool = False, background: Optional[int] = None, trail: bool = False):
+               single_frame: bool = False, background: Optional[int] = None, trail: bool = False,
+               travel_range: tuple[float, float] = (0.3, 0.5)):
     self.num_examples = num_examples
     self.frames = 1 if single_frame else frames
     self.size = size
@@ -166,6 +168,7 @@ class SyntheticMotionSource:
     self.single_frame = single_frame
     self.background = background
     self.trail = trail
+    self.travel_range = tuple(travel_range)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -175,7 +178,8 @@ class SyntheticMotionSource:
       raise IndexError(index)
     rng = np.random.default_rng((self.seed, index))
     return sample_params(rng, frames=self.frames, size=self.size, single_frame=self.single_frame,
-                         background=self.background, trail=self.trail)
+                         background=self.background, trail=self.trail,
+                         travel_range=self.travel_range)
 
   def __getitem__(self, index: int) -> dict:
     p = self.params(int(index))

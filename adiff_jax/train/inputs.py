@@ -25,7 +25,8 @@ def make_source(data: DataConfig):
   if data.source == "synthetic":
     return SyntheticMotionSource(data.num_examples, frames=data.synthetic_frames,
                                  size=data.synthetic_size, seed=0, single_frame=data.synthetic_still,
-                                 background=data.synthetic_background, trail=data.synthetic_trail)
+                                 background=data.synthetic_background, trail=data.synthetic_trail,
+                                 travel_range=data.synthetic_travel)
   if data.source == "webvid":
     if not data.csv_path or not data.video_folder:
       raise ValueError("data.source=webvid needs data.csv_path and data.video_folder")
