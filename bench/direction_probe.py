@@ -37,28 +37,28 @@ from adiff_jax.vae import encode_video
 from bench.motion_eval import image_model_alone
 
 
-_BASE = ("red", "circle", "left")
-_SWAPS = {"colour": ("blue", "circle", "left"), "shape": ("red", "square", "left"),
-          "direction": ("red", "circle", "right")}
 _LOSS_T = (900, 600, 300)                                           # high, mid, low noise
 
 
 def word_sensitivity(pipe: Pipeline) -> dict[str, tuple[float, float]]:
   """{kind: (change at the swapped token, mean change over the following tokens)}."""
-  caps = [caption_for(*_BASE)] + [caption_for(*s) for s in _SWAPS.values()]
+  base = ("red", "circle", "left")
+  swaps = {"colour": ("blue", "circle", "left"), "shape": ("red", "square", "left"),
+           "direction": ("red", "circle", "right")}
+  caps = [caption_for(*base)] + [caption_for(*s) for s in swaps.values()]
   ids = np.asarray(pipe.tokenizer(caps))
   emb = np.asarray(pipe.encode_prompts(caps))                       # (4, L, D)
   scale = np.linalg.norm(emb[0], axis=-1).mean()
   out = {}
-  for i, kind in enumerate(_SWAPS, 1):
+  for i, kind in enumerate(swaps, 1):
     pos = int(np.nonzero(ids[i] != ids[0])[0][0])                   # the swapped word's token
     diff = np.linalg.norm(emb[i] - emb[0], axis=-1) / scale
     out[kind] = (float(diff[pos]), float(diff[pos + 1:].mean()))
   return out
 
 
-def word_loss(pipe: Pipeline, size: int, n: int = 64, timesteps=_LOSS_T) -> dict:
-  """{kind: [relative increase of the denoising MSE with that word wrong, per timestep]}."""
+def word_loss(pipe: Pipeline, size: int, n: int = 64) -> dict:
+  """{kind: [relative increase of the denoising MSE with that word wrong, per t in _LOSS_T]}."""
   rng = np.random.default_rng(0)
   opposite = dict(zip(DIRECTIONS, ("right", "left", "down", "up")))
   colours = list(COLORS)
@@ -75,7 +75,7 @@ def word_loss(pipe: Pipeline, size: int, n: int = 64, timesteps=_LOSS_T) -> dict
   ctx = {k: pipe.encode_prompts(v) for k, v in caps.items()}
   apply = jax.jit(lambda x, t, c: pipe.unet.apply({"params": pipe.params["unet"]}, x, t, c))
   out = {"colour": [], "direction": []}
-  for t in timesteps:
+  for t in _LOSS_T:
     tt = jnp.full((n,), t)
     noise = jax.random.normal(jax.random.key(t), z.shape)
     xt = add_noise(SamplingConfig().schedule, z, noise, tt)
