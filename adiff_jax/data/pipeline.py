@@ -232,7 +232,15 @@ def _example_transform(source, clip: ClipConfig) -> grain.transforms.RandomMap:
   """Raw sources go through clip sampling; pre-encoded ones only through caption dropout."""
   if getattr(source, "is_precomputed", False):
     return PrecomputedTransform(clip.empty_text_prob, source.empty_text_emb)
-  return ClipTransform(clip)
+  return ClipTransform(for_source(clip, source))
+
+
+def for_source(clip: ClipConfig, source) -> ClipConfig:
+  """`clip` as it applies to `source`: no flips for a source that is not `flippable` (e.g. a
+  one-direction MotionLoRA set, where a flip would teach the opposite motion)."""
+  if getattr(source, "flippable", True):
+    return clip
+  return dataclasses.replace(clip, random_flip=False)
 
 
 def make_train_loader(source, *, batch_size: int, seed: int,

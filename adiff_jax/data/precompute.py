@@ -109,8 +109,8 @@ def model_sha(model: str) -> Optional[str]:
 def sampled_clips(source, clip, seed: int, num: int) -> Iterator[tuple[int, dict]]:
   """(index, {"video", "text"}) for the first `num` records, one clip each from
   np.random.default_rng([seed, index]); skipped records (unreadable, too short) yield a marker."""
-  from adiff_jax.data.pipeline import ClipTransform
-  transform = ClipTransform(dataclasses.replace(clip, empty_text_prob=0.0))
+  from adiff_jax.data.pipeline import ClipTransform, for_source
+  transform = ClipTransform(dataclasses.replace(for_source(clip, source), empty_text_prob=0.0))
   for i in range(num):
     yield i, transform.random_map(source[i], np.random.default_rng([seed, i]))
 

@@ -117,17 +117,20 @@ def render_clip(p: ClipParams, *, frames: int, size: int) -> np.ndarray:
 
 def sample_params(rng: np.random.Generator, *, frames: int, size: int,
                   single_frame: bool = False, background: Optional[int] = None,
-                  trail: bool = False, travel_range: tuple[float, float] = (0.3, 0.5)) -> ClipParams:
+                  trail: bool = False, travel_range: tuple[float, float] = (0.3, 0.5),
+                  directions: tuple[str, ...] = DIRECTIONS) -> ClipParams:
   """Random clip parameters; the whole path stays inside the frame. `background` (0..255):
   that flat grey for every clip instead of a random dark/light, maybe textured one. `trail`:
   moving objects draw a fading trail (the other parameters do not change). `travel_range`: the
-  first-to-last-frame distance is drawn uniformly from it, in frame sizes."""
+  first-to-last-frame distance is drawn uniformly from it, in frame sizes. `directions`: the
+  directions drawn from (e.g. ("left",) for a one-direction MotionLoRA dataset)."""
   fixed = background
   if fixed is not None and not 0 <= fixed <= 255:
     raise ValueError(f"background must be a grey level in 0..255, got {fixed}")
+  check_directions(directions)
   color = str(rng.choice(list(COLORS)))
   shape = str(rng.choice(SHAPES))
-  direction = None if single_frame else str(rng.choice(DIRECTIONS))
+  direction = None if single_frame else str(rng.choice(list(directions)))
   radius = float(size * rng.uniform(0.09, 0.15))
   lo, hi = radius + 1.0, size - radius - 1.0
   travel = 0.0 if direction is None or frames < 2 else float(size * rng.uniform(*travel_range))
@@ -150,17 +153,28 @@ def sample_params(rng: np.random.Generator, *, frames: int, size: int,
                     texture_amp=texture_amp, texture_seed=texture_seed, trail=trail)
 
 
+def check_directions(directions) -> None:
+  bad = [d for d in directions if d not in DIRECTIONS]
+  if not directions or bad:
+    raise ValueError(f"synthetic directions must be a non-empty subset of {list(DIRECTIONS)}, "
+                     f"got {list(directions)}")
+
+
 class SyntheticMotionSource:
   """Random-access source of `{"video": uint8 (F, S, S, 3), "text", "text_flipped"}`.
 
   Example i depends only on (seed, i). `single_frame=True` renders still images captioned
   "a red circle" (positions vary) for image / domain-adapter training. `background`: one flat
-  grey level; `trail`: moving objects draw a fading trail (see `sample_params`).
+  grey level; `trail`: moving objects draw a fading trail; `directions`: the directions drawn
+  from (see `sample_params`). A source restricted to some directions is not `flippable`: a
+  horizontal flip would turn its "left" clips into "right" ones.
   """
 
   def __init__(self, num_examples: int, frames: int = 16, size: int = 64, seed: int = 0, *,
                single_frame: bool = False, background: Optional[int] = None, trail: bool = False,
-               travel_range: tuple[float, float] = (0.3, 0.5)):
+               travel_range: tuple[float, float] = (0.3, 0.5),
+               directions: tuple[str, ...] = DIRECTIONS):
+    check_directions(directions)
     self.num_examples = num_examples
     self.frames = 1 if single_frame else frames
     self.size = size
@@ -169,6 +183,8 @@ class SyntheticMotionSource:
     self.background = background
     self.trail = trail
     self.travel_range = tuple(travel_range)
+    self.directions = tuple(directions)
+    self.flippable = set(self.directions) == set(DIRECTIONS)
 
   def __len__(self) -> int:
     return self.num_examples
@@ -179,7 +195,7 @@ class SyntheticMotionSource:
     rng = np.random.default_rng((self.seed, index))
     return sample_params(rng, frames=self.frames, size=self.size, single_frame=self.single_frame,
                          background=self.background, trail=self.trail,
-                         travel_range=self.travel_range)
+                         travel_range=self.travel_range, directions=self.directions)
 
   def __getitem__(self, index: int) -> dict:
     p = self.params(int(index))

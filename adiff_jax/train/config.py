@@ -31,6 +31,7 @@ class DataConfig:
   synthetic_background: Optional[int] = None  # synthetic: one flat grey level (0..255) instead of random backgrounds
   synthetic_trail: bool = False        # synthetic: moving objects draw a fading trail (direction visible in one frame)
   synthetic_travel: tuple[float, float] = (0.3, 0.5)  # synthetic: first-to-last-frame distance range, in frame sizes
+  synthetic_directions: tuple[str, ...] = ("left", "right", "up", "down")  # synthetic: directions drawn from (one: a MotionLoRA set, never flipped)
   sample_size: int = 256
   sample_stride: int = 4
   sample_n_frames: int = 16

@@ -26,7 +26,8 @@ def make_source(data: DataConfig):
     return SyntheticMotionSource(data.num_examples, frames=data.synthetic_frames,
                                  size=data.synthetic_size, seed=0, single_frame=data.synthetic_still,
                                  background=data.synthetic_background, trail=data.synthetic_trail,
-                                 travel_range=data.synthetic_travel)
+                                 travel_range=data.synthetic_travel,
+                                 directions=data.synthetic_directions)
   if data.source == "webvid":
     if not data.csv_path or not data.video_folder:
       raise ValueError("data.source=webvid needs data.csv_path and data.video_folder")

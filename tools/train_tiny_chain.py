@@ -1,0 +1,68 @@
+"""Trains the built-in tiny model end to end and packs it (issue 14's chain, one command):
+
+  python tools/train_tiny_chain.py                 # ~60-90 min on 2 CPU cores
+  python tools/train_tiny_chain.py --no-ship       # train only (pack later: tools/ship_tiny_model.py)
+
+Stages, each `python train.py --config ...` in its own process, each reading the previous
+stage's exported model dir:
+  tiny_vae         the VAE as an autoencoder                      configs/training/tiny_vae.yaml
+  tiny_image       the image model (UNet + text encoder, frames)  configs/training/tiny_image.yaml
+  tiny             the motion module on 16-frame clips            configs/training/tiny.yaml
+  tiny_lora_DIR    one MotionLoRA per direction (left, right, up, down), on clips that move that
+                   way only                                       configs/training/tiny_motion_lora.yaml
+then `tools/ship_tiny_model.py` packs base + motion module + MotionLoRAs into
+adiff_jax/assets/tiny_model. A stage whose export exists is skipped, and train.py resumes an
+interrupted stage from its checkpoint, so running the command again continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIRECTIONS = ("left", "right", "up", "down")
+
+
+def stages(runs: str) -> list[tuple[str, str, list[str]]]:
+  """(run name, config, overrides) in training order."""
+  def model(name):
+    return f"model={os.path.join(runs, name, 'export', 'model')}"
+  out = [("tiny_vae", "configs/training/tiny_vae.yaml", []),
+         ("tiny_image", "configs/training/tiny_image.yaml", [model("tiny_vae")]),
+         ("tiny", "configs/training/tiny.yaml", [model("tiny_image")])]
+  out += [(f"tiny_lora_{d}", "configs/training/tiny_motion_lora.yaml",
+           [model("tiny"), f"data.synthetic_directions=[{d}]"]) for d in DIRECTIONS]
+  return [(name, cfg, ov + [f"output_dir={os.path.join(runs, name)}"]) for name, cfg, ov in out]
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--runs", default="runs", help="folder for the stages' run dirs (default runs/)")
+  ap.add_argument("--no-ship", action="store_true", help="train only; do not pack the model")
+  args = ap.parse_args(argv)
+  runs = os.path.abspath(args.runs)
+  t_all = time.time()
+  for name, cfg, overrides in stages(runs):
+    if os.path.isfile(os.path.join(runs, name, "export", "model", "metadata.json")):
+      print(f"[chain] {name}: already exported, skipped", flush=True)
+      continue
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, cfg)] + overrides
+    print(f"[chain] {name}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    rc = subprocess.call(cmd, cwd=ROOT)
+    if rc:
+      print(f"[chain] {name} failed (exit {rc}); run the command again to resume", flush=True)
+      return rc
+    print(f"[chain] {name}: done in {(time.time() - t0) / 60:.1f} min", flush=True)
+  print(f"[chain] all stages done in {(time.time() - t_all) / 60:.1f} min", flush=True)
+  if args.no_ship:
+    return 0
+  return subprocess.call([sys.executable, os.path.join(ROOT, "tools", "ship_tiny_model.py"),
+                          "--runs", runs], cwd=ROOT)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
