@@ -1,6 +1,7 @@
 """Text-to-video sampling with AnimateDiff in JAX.
 
-  python sample.py                                   # built-in tiny demo model, no download
+  python sample.py                                   # built-in tiny model, no download
+  python sample.py --motion-lora builtin:left        # ... steered by a built-in MotionLoRA
   python sample.py --ckpt converted_dir --prompt "a cat walking, best quality"
   python sample.py --ckpt model.safetensors --motion-module mm_sd_v15_v2.ckpt --prompt "..."
   python sample.py --config configs/prompts/example.yaml   # official prompt-config format
@@ -23,6 +24,8 @@ import time
 import warnings
 from typing import Any, Optional
 
+from adiff_jax.errors import InputError, run_cli
+
 
 # Official prompt-config keys we understand; controlnet (SparseCtrl) ones are refused.
 CONFIG_KEYS = {"dreambooth_path", "lora_model_path", "lora_alpha", "inference_config",
@@ -41,8 +44,9 @@ def _path_value(spec: str, default: float) -> tuple[str, float]:
 
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--ckpt", help="Orbax model dir, LDM .safetensors/.ckpt or diffusers folder "
-                  "(default: the built-in tiny demo model)")
+  ap.add_argument("--ckpt", help="model dir (python -m convert_weights to-orbax), LDM "
+                  ".safetensors/.ckpt or diffusers folder; default `builtin`: the built-in tiny model "
+                  "(trained when this build ships it; builtin:random for random weights)")
   ap.add_argument("--motion-module", help="motion module file (.ckpt/.safetensors/diffusers) if "
                   "--ckpt does not contain one")
   ap.add_argument("--prompt", action="append", help="prompt (repeatable)")
@@ -55,12 +59,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--seed", type=int, nargs="+", default=[-1], help="one or one per sample; -1 = random")
   ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
   ap.add_argument("--scheduler", default="ddim", choices=["ddim", "euler", "dpmpp_2m"])
-  ap.add_argument("--motion-lora", action="append", default=[], metavar="PATH[:ALPHA]")
+  ap.add_argument("--motion-lora", action="append", default=[], metavar="PATH[:ALPHA]",
+                  help="MotionLoRA file or model dir (repeatable); builtin:left|right|up|down for the "
+                  "built-in model's")
   ap.add_argument("--domain-adapter", metavar="PATH[:SCALE]")
   ap.add_argument("--lora", action="append", default=[], metavar="PATH[:ALPHA]",
                   help="kohya/A1111 LoRA merged into the UNet and text encoder (default alpha 0.8)")
   ap.add_argument("--clip-skip", type=int, default=1)
-  ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+  ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
+                  help="compute dtype of the text encoder, UNet and VAE (bf16 on GPU/TPU)")
+  ap.add_argument("--attention-impl", default=None, choices=["xla", "cudnn"],
+                  help="attention kernel (default: cuDNN fused attention where it applies on GPU, XLA elsewhere)")
   ap.add_argument("--out", default="outputs", help="output folder (a timestamped subfolder is made)")
   ap.add_argument("--fps", type=int, default=8)
   ap.add_argument("--config", help="official AnimateDiff prompt-config YAML")
@@ -83,15 +92,16 @@ def _cache_key(*parts) -> str:
   return h.hexdigest()[:16]
 
 
-def _is_model_dir(path: Optional[str]) -> bool:
-  return bool(path) and os.path.isfile(os.path.join(path, "metadata.json"))
-
-
-def _convert(cache_dir: str, **kw) -> str:
-  """PyTorch files -> cached Orbax dir (converted once; later runs reuse it)."""
-  from convert_weights.pipeline import to_orbax
+def _as_model_dir(cache_dir: str, **kw) -> str:
+  """PyTorch files -> a cached model dir (converted once; later runs reuse it). A path that
+  already is a model dir is used as it is."""
+  from adiff_jax import model_dir
+  given = [v for v in kw.values() if v]
+  if len(given) == 1 and isinstance(given[0], str) and model_dir.is_model_dir(given[0]):
+    return given[0]
+  from convert_weights.convert import to_orbax
   out = os.path.join(cache_dir, "converted", _cache_key(sorted(kw.items())))
-  if _is_model_dir(out):
+  if model_dir.is_model_dir(out):
     print(f"using cached conversion {out}")
   else:
     print(f"converting PyTorch weights to Orbax once; cached at {out}")
@@ -100,71 +110,41 @@ def _convert(cache_dir: str, **kw) -> str:
 
 
 def load_model(args) -> tuple[Any, dict, Optional[dict], str]:
-  """(ModelConfig, params {unet, text_encoder, vae}, combined LoRA tree or None, description)."""
-  from adiff_jax import lora as lora_lib
-  from adiff_jax.pipeline import ModelConfig
-  from convert_weights import orbax_io
+  """(ModelConfig, params {unet, text_encoder, vae}, combined LoRA tree or None, description).
+  PyTorch files are converted (and cached) first; `adiff_jax.model_dir.load` reads the rest."""
+  from adiff_jax import builtin, model_dir
 
-  if not args.ckpt:
-    if args.motion_module or args.motion_lora or args.domain_adapter or args.lora:
-      raise SystemExit("error: --motion-module/--motion-lora/--domain-adapter/--lora need --ckpt")
-    from adiff_jax.builtin import load_builtin, trained_model_dir
-    if trained_model_dir() is None:
-      cfg, params, desc = load_builtin()
-      return cfg, params, None, desc
-    trained = argparse.Namespace(**{**vars(args), "ckpt": trained_model_dir()})
-    cfg, params, lora, _ = load_model(trained)
-    return cfg, params, lora, "built-in tiny model trained on synthetic moving shapes (README: Built-in model)"
-
-  if not os.path.exists(args.ckpt):
-    raise SystemExit(f"error: checkpoint not found: {args.ckpt}")
-  loras = [_path_value(s, 0.8) for s in args.lora]
   mloras = [_path_value(s, 1.0) for s in args.motion_lora]
   adapter = _path_value(args.domain_adapter, 1.0) if args.domain_adapter else None
-  for p in [args.motion_module] + [p for p, _ in loras + mloras] + ([adapter[0]] if adapter else []):
+  loras = [_path_value(s, 0.8) for s in args.lora]
+  if builtin.is_builtin(args.ckpt):
+    if args.motion_module or adapter or loras:
+      raise InputError("--motion-module/--domain-adapter/--lora need --ckpt (the built-in model "
+                       "has its own motion module; --motion-lora builtin:left etc. steer it)")
+    mloras = [(p if builtin.is_builtin(p) else _as_model_dir(args.cache_dir, motion_loras=[(p, 1.0)]), a)
+              for p, a in mloras]
+    return builtin.load(args.ckpt, mloras)
+  ckpt = args.ckpt
+  for p in [ckpt, args.motion_module] + [p for p, _ in loras + mloras] + ([adapter[0]] if adapter else []):
     if p and not os.path.exists(p):
-      raise SystemExit(f"error: file not found: {p}")
-
-  model_dir = args.ckpt
-  if not _is_model_dir(model_dir) or loras:
-    if _is_model_dir(model_dir):
-      raise SystemExit("error: --lora (kohya) is merged at conversion time: give the PyTorch base "
-                       "model, or convert with `python -m convert_weights to-orbax --lora ...`")
-    model_dir = _convert(args.cache_dir, base_path=args.ckpt, loras=loras)
-  items, meta = orbax_io.load_model_dir(model_dir)
-  extra_items, extra_meta = {}, {}
-  if args.motion_module or mloras or adapter:
-    side = _convert(args.cache_dir, motion_module=args.motion_module, motion_loras=mloras,
-                    domain_adapter=adapter)
-    extra_items, extra_meta = orbax_io.load_model_dir(side)
-
-  for need in ("unet", "text_encoder", "vae"):
-    if need not in items:
-      raise SystemExit(f"error: {model_dir} has no {need!r} (items: {sorted(items)}); sampling "
-                       "needs a full base model")
-  mm_items = extra_items.get("motion_module", items.get("motion_module"))
-  mm_meta = extra_meta if "motion_module" in extra_items else meta
-  if mm_items is None:
-    raise SystemExit("error: no motion module: pass --motion-module or a --ckpt converted with one")
-  unet = _deep_merge(items["unet"], mm_items)
-  cfg = ModelConfig(orbax_io.unet_config_from_meta(meta), orbax_io.motion_config_from_meta(mm_meta),
-                    orbax_io.text_config_from_meta(meta), orbax_io.vae_config_from_meta(meta))
-  adapters = []
-  for src in (items, extra_items):
-    for name, tree in src.items():
-      if name.startswith("motion_lora") or name == "domain_adapter":
-        adapters.append((tree, 1.0))   # alphas / scales are stored in each LoRA's `scale`
-  lora = lora_lib.combine_loras(adapters) if adapters else None
-  version = mm_meta.get("versions", {}).get("motion_module", "?")
-  return cfg, {"unet": unet, "text_encoder": items["text_encoder"], "vae": items["vae"]}, lora, \
-      f"{args.ckpt} + motion module {version}"
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-  out = dict(a)
-  for k, v in b.items():
-    out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-  return out
+      raise InputError(f"file not found: {p}")
+  if loras and model_dir.is_model_dir(ckpt):
+    raise InputError("--lora (kohya) is merged at conversion time: give the PyTorch base model, or "
+                     "convert with `python -m convert_weights to-orbax --lora ...`")
+  if not model_dir.is_model_dir(ckpt):
+    ckpt = _as_model_dir(args.cache_dir, base_path=ckpt, loras=loras)
+  mm = _as_model_dir(args.cache_dir, motion_module=args.motion_module) if args.motion_module else None
+  # LoRAs are converted at strength 1 (one cache entry per file); `load` applies the alphas.
+  mloras = [(_as_model_dir(args.cache_dir, motion_loras=[(p, 1.0)]), a) for p, a in mloras]
+  if adapter:
+    adapter = (_as_model_dir(args.cache_dir, domain_adapter=(adapter[0], 1.0)), adapter[1])
+  cfg, params, lora, meta = model_dir.load(ckpt, motion_module=mm, motion_loras=mloras,
+                                           domain_adapter=adapter)
+  if cfg.motion is None:
+    raise InputError("no motion module: pass --motion-module or a --ckpt converted with one")
+  mm_meta = model_dir.read_metadata(mm) if mm else meta
+  desc = f"{args.ckpt} + motion module {mm_meta.get('versions', {}).get('motion_module', '?')}"
+  return cfg, params, lora, desc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,19 +154,19 @@ def _deep_merge(a: dict, b: dict) -> dict:
 def read_prompt_config(path: str) -> list[dict]:
   import yaml
   if not os.path.isfile(path):
-    raise SystemExit(f"error: config file not found: {path}")
+    raise InputError(f"config file not found: {path}")
   try:
     with open(path) as f:
       data = yaml.safe_load(f)
   except yaml.YAMLError as e:
-    raise SystemExit(f"error: cannot read YAML {path}: {e}")
+    raise InputError(f"cannot read YAML {path}: {e}")
   entries = data if isinstance(data, list) else list(data.values()) if isinstance(data, dict) else None
   if not entries or not all(isinstance(e, dict) for e in entries):
-    raise SystemExit(f"error: {path}: expected a list of entries (or a mapping of named entries)")
+    raise InputError(f"{path}: expected a list of entries (or a mapping of named entries)")
   for i, e in enumerate(entries):
     bad = [k for k in e if k.startswith(UNSUPPORTED_PREFIX)]
     if bad:
-      raise SystemExit(f"error: {path} entry {i}: {', '.join(bad)}: SparseCtrl/ControlNet is not "
+      raise InputError(f"{path} entry {i}: {', '.join(bad)}: SparseCtrl/ControlNet is not "
                        "supported yet")
     unknown = sorted(set(e) - CONFIG_KEYS)
     if unknown:
@@ -242,15 +222,16 @@ def schedule_from_inference_config(path: Optional[str]):
 
 def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   import jax
-  from adiff_jax.pipeline import Pipeline, SamplingConfig
+  from adiff_jax.sampling import Pipeline, SamplingConfig
   from adiff_jax.sharding import make_mesh
   from adiff_jax.video_io import grid, save_gif, save_mp4, to_uint8
 
   cfg, params, lora, desc = load_model(args)
-  builtin = not args.ckpt
+  from adiff_jax import builtin as builtin_lib
+  builtin = builtin_lib.is_builtin(args.ckpt)
   h = args.height or (64 if builtin else 512)
   w = args.width or (64 if builtin else 512)
-  prompts = list(args.prompt or (["a red circle moving left"] if builtin else [""]))
+  prompts = list(args.prompt or (builtin_lib.DEFAULT_PROMPTS if builtin else [""]))
   negative = getattr(args, "negative", None) or [args.negative_prompt or DEFAULT_NEGATIVE] * len(prompts)
   n = args.num_samples
   prompts = [p for p in prompts for _ in range(n)]
@@ -259,7 +240,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   if len(seeds) == 1:
     seeds = seeds * len(prompts) if seeds[0] != -1 else [-1] * len(prompts)
   if len(seeds) != len(prompts):
-    raise SystemExit(f"error: {len(seeds)} seeds for {len(prompts)} samples")
+    raise InputError(f"{len(seeds)} seeds for {len(prompts)} samples")
   seeds = [s if s != -1 else random.randrange(2**31) for s in seeds]
   sc = SamplingConfig(frames=args.frames, height=h, width=w, steps=args.steps,
                       guidance_scale=args.guidance_scale, scheduler=args.scheduler,
@@ -268,7 +249,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   mesh = None
   if len(jax.devices()) > 1:
     mesh = make_mesh(frames=args.mesh_frames)
-  pipe = Pipeline(cfg, params, lora=lora, dtype=args.dtype, mesh=mesh)
+  pipe = Pipeline(cfg, params, lora=lora, dtype=args.dtype, mesh=mesh, attention_impl=args.attention_impl)
   pipe.check(sc)
   print(f"model: {desc}")
   print(f"sampling {len(prompts)} video(s): {sc.frames} frames {h}x{w}, {sc.steps} {sc.scheduler} "
@@ -277,7 +258,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   try:
     frames = to_uint8(pipe(prompts, negative, seeds, sc))
   except FloatingPointError as e:
-    raise SystemExit(f"error: {e}")
+    raise InputError(str(e)) from None
   print(f"done in {time.perf_counter() - t0:.1f} s (including compilation)")
 
   os.makedirs(os.path.join(out_dir, "sample"), exist_ok=True)
@@ -286,7 +267,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
     stem = os.path.join(out_dir, "sample", f"{i}-{_slug(p)}-seed{s}")
     written += [save_gif(v, stem + ".gif", args.fps), save_mp4(v, stem + ".mp4", args.fps)]
   written.append(save_gif(grid(list(frames)), os.path.join(out_dir, "sample.gif"), args.fps))
-  resolved = dict(ckpt=args.ckpt or "builtin:tiny", motion_module=args.motion_module,
+  resolved = dict(ckpt=args.ckpt or "builtin", motion_module=args.motion_module,
                   motion_lora=args.motion_lora, domain_adapter=args.domain_adapter, lora=args.lora,
                   prompt=prompts, n_prompt=negative, seed=seeds, steps=sc.steps,
                   guidance_scale=sc.guidance_scale, scheduler=sc.scheduler, W=w, H=h, L=sc.frames,
@@ -318,4 +299,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_cli(main))

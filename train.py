@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from adiff_jax.errors import InputError, run_cli
+
 
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,10 +35,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
   args = parse_args(argv)
   from adiff_jax.train.config import load_config, to_dict
-  try:
-    cfg = load_config(args.config, args.overrides)
-  except (ValueError, TypeError, OSError) as e:
-    raise SystemExit(f"error: {e}")
+  cfg = load_config(args.config, args.overrides)
   if args.print_config:
     import yaml
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -52,11 +51,12 @@ def main(argv=None) -> int:
   if jax.process_index() == 0:
     print(f"stage {cfg.stage}: {jax.process_count()} process(es), {jax.device_count()} "
           f"{jax.devices()[0].device_kind} device(s); output {cfg.output_dir}")
-  trainer = Trainer(cfg)
+  from convert_weights.convert import export_stage
+  trainer = Trainer(cfg, export_files=export_stage)
   try:
     if args.export_only:
       if trainer.ckpt.latest_step() is None:
-        raise SystemExit(f"error: no checkpoint in {trainer.ckpt.directory} to export")
+        raise InputError(f"no checkpoint in {trainer.ckpt.directory} to export")
       trainer.export()
       return 0
     if jax.process_index() == 0:
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             f"starting at step {trainer.step} of {cfg.steps}")
     trainer.run()
   except NonFiniteLoss as e:
-    raise SystemExit(f"error: {e}")
+    raise InputError(f"{e}") from None
   finally:
     trainer.close()
   if trainer.skipped and jax.process_index() == 0:
@@ -73,4 +73,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # Bad configs, files and sizes print one `error:` line and exit 2; bugs keep their traceback.
+  sys.exit(run_cli(main))

@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from adiff_jax.lora import LoRADense
+from adiff_jax.layers import LoRADense
+from adiff_jax.errors import InputError
 
 _log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
 def _xla_attention(q, k, v, mask, is_causal, scale):
@@ -91,29 +92,29 @@ def dot_product_attention(
     *,
     mask: Optional[jax.Array] = None,
     is_causal: bool = False,
-    implementation: Optional[str] = None,
+    attention_impl: Optional[str] = None,
 ) -> jax.Array:
   """Multi-head scaled dot-product attention.
 
   Shapes: q (B, Lq, H, D), k and v (B, Lk, H, D) -> (B, Lq, H, D). `mask` is boolean,
   broadcastable to (B, H, Lq, Lk), True = attend. Scale is D**-0.5.
 
-  implementation: "xla" (einsum, f32 softmax), "cudnn" (fused flash attention through
+  attention_impl: "xla" (einsum, f32 softmax), "cudnn" (fused flash attention through
   `jax.nn.dot_product_attention`; GPU, bf16/f16 only) or None: cuDNN where the backend,
   shapes and dtypes allow it, XLA otherwise.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if attention_impl not in ATTENTION_IMPLS:
+    raise InputError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"q, k, v must be (B, L, H, D); got {q.shape}, {k.shape}, {v.shape}")
+    raise InputError(f"q, k, v must be (B, L, H, D); got {q.shape}, {k.shape}, {v.shape}")
   scale = q.shape[-1] ** -0.5
-  use_cudnn = implementation == "cudnn" or (implementation is None and _cudnn_allowed(q, k, mask))
+  use_cudnn = attention_impl == "cudnn" or (attention_impl is None and _cudnn_allowed(q, k, mask))
   if use_cudnn:
     try:
       return jax.nn.dot_product_attention(
           q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation="cudnn")
     except Exception as e:  # unsupported shape/version: fall back rather than fail
-      if implementation == "cudnn":
+      if attention_impl == "cudnn":
         raise
       _log.info("cuDNN attention unavailable for %s (%s); using XLA", q.shape, e)
   return _xla_attention(q, k, v, mask, is_causal, scale)
@@ -130,7 +131,7 @@ class Attention(nn.Module):
   dim_head: int
   out_dim: Optional[int] = None
   qkv_bias: bool = False
-  implementation: Optional[str] = None
+  attention_impl: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -145,6 +146,6 @@ class Attention(nn.Module):
     v = dense(inner, use_bias=self.qkv_bias, name="to_v")(ctx)
     split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.dim_head))  # (B, L, H, D)
     o = dot_product_attention(split(q), split(k), split(v), mask=mask,
-                              implementation=self.implementation)
+                              attention_impl=self.attention_impl)
     o = o.reshape(o.shape[:-2] + (inner,))
     return dense(out_dim, use_bias=True, name="to_out_0")(o)

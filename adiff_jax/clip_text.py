@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from adiff_jax.attention import dot_product_attention
-from adiff_jax.lora import LoRADense
+from adiff_jax.layers import LoRADense
+from adiff_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +38,9 @@ class CLIPTextConfig:
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+      raise InputError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}")
+      raise InputError(f"hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}")
 
   @classmethod
   def sd15(cls) -> "CLIPTextConfig":
@@ -72,7 +73,7 @@ def _layer_norm(cfg: CLIPTextConfig, param_dtype, name: str) -> nn.LayerNorm:
 class CLIPAttention(nn.Module):
   """Causal multi-head self-attention: q_proj, k_proj, v_proj, out_proj (all with bias)."""
   config: CLIPTextConfig
-  implementation: Optional[str] = None
+  attention_impl: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -86,7 +87,7 @@ class CLIPAttention(nn.Module):
     q = split(dense(name="q_proj")(x))
     k = split(dense(name="k_proj")(x))
     v = split(dense(name="v_proj")(x))
-    o = dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+    o = dot_product_attention(q, k, v, is_causal=True, attention_impl=self.attention_impl)
     o = o.reshape(o.shape[:-2] + (cfg.hidden_size,))  # (B, L, C)
     return dense(name="out_proj")(o)
 
@@ -108,7 +109,7 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
   """Pre-LN block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
   config: CLIPTextConfig
-  implementation: Optional[str] = None
+  attention_impl: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -116,7 +117,7 @@ class CLIPEncoderLayer(nn.Module):
   def __call__(self, x):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = _layer_norm(cfg, self.param_dtype, "layer_norm1")(x).astype(self.dtype)
-    x = x + CLIPAttention(cfg, self.implementation, name="self_attn", **kw)(h)
+    x = x + CLIPAttention(cfg, self.attention_impl, name="self_attn", **kw)(h)
     h = _layer_norm(cfg, self.param_dtype, "layer_norm2")(x).astype(self.dtype)
     return x + CLIPMLP(cfg, name="mlp", **kw)(h)
 
@@ -137,7 +138,7 @@ class CLIPEmbeddings(nn.Module):
 
 class CLIPEncoder(nn.Module):
   config: CLIPTextConfig
-  implementation: Optional[str] = None
+  attention_impl: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -146,7 +147,7 @@ class CLIPEncoder(nn.Module):
     """Runs the first `num_layers` layers; all layers still get parameters at init."""
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # Build every layer so the tree is complete even when clip_skip > 1 at init time.
-    layers = [CLIPEncoderLayer(cfg, self.implementation, name=f"layers_{i}", **kw)
+    layers = [CLIPEncoderLayer(cfg, self.attention_impl, name=f"layers_{i}", **kw)
               for i in range(cfg.num_layers)]
     if self.is_initializing():
       for layer in layers[num_layers:]:
@@ -158,7 +159,7 @@ class CLIPEncoder(nn.Module):
 
 class CLIPTextTransformer(nn.Module):
   config: CLIPTextConfig
-  implementation: Optional[str] = None
+  attention_impl: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -166,7 +167,7 @@ class CLIPTextTransformer(nn.Module):
   def __call__(self, input_ids, clip_skip: int):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = CLIPEmbeddings(cfg, name="embeddings", **kw)(input_ids)
-    x = CLIPEncoder(cfg, self.implementation, name="encoder", **kw)(x, cfg.num_layers - clip_skip + 1)
+    x = CLIPEncoder(cfg, self.attention_impl, name="encoder", **kw)(x, cfg.num_layers - clip_skip + 1)
     return _layer_norm(cfg, self.param_dtype, "final_layer_norm")(x).astype(self.dtype)
 
 
@@ -183,7 +184,7 @@ class CLIPTextModel(nn.Module):
   position, taken as argmax(input_ids) (eos 49407 is the largest id; SD convention).
   """
   config: CLIPTextConfig = CLIPTextConfig()
-  implementation: Optional[str] = None  # passed to dot_product_attention
+  attention_impl: Optional[str] = None  # passed to dot_product_attention
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -192,16 +193,16 @@ class CLIPTextModel(nn.Module):
     cfg = self.config
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
-      raise ValueError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
+      raise InputError(f"input_ids must be (batch, seq_len), got shape {input_ids.shape}")
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
       raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
     if input_ids.shape[1] > cfg.max_position_embeddings:
-      raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+      raise InputError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
                        f"{cfg.max_position_embeddings}; tokenize with truncation")
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not (
         1 <= clip_skip <= cfg.num_layers):
-      raise ValueError(f"clip_skip must be an int in [1, {cfg.num_layers}], got {clip_skip!r}")
-    hidden = CLIPTextTransformer(cfg, self.implementation, self.dtype, self.param_dtype,
+      raise InputError(f"clip_skip must be an int in [1, {cfg.num_layers}], got {clip_skip!r}")
+    hidden = CLIPTextTransformer(cfg, self.attention_impl, self.dtype, self.param_dtype,
                                  name="text_model")(input_ids, clip_skip)  # (B, L, hidden)
     if not return_pooled:
       return hidden

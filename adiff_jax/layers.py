@@ -1,9 +1,13 @@
-"""Small shared layers: GroupNorm with per-frame / across-frame statistics, PyTorch-style conv."""
+"""Small shared layers: GroupNorm with per-frame / across-frame statistics, PyTorch-style conv,
+Dense with an optional unmerged LoRA (see adiff_jax/lora.py)."""
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from adiff_jax.errors import InputError
 
 
 class GroupNorm(nn.Module):
@@ -25,7 +29,7 @@ class GroupNorm(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     if c % self.num_groups:
-      raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
+      raise InputError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     first = 2 if (x.ndim == 5 and not self.across_frames) else 1
@@ -87,3 +91,29 @@ def _conv(x, kernel, stride: int, padding: int):
   return jax.lax.conv_general_dilated(
       x, kernel, (stride, stride), ((p, p), (p, p)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+
+
+class LoRADense(nn.Module):
+  """nn.Dense (parameters `kernel` (in, out), `bias`) plus an optional LoRA from the "lora" collection."""
+  features: int
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    if self.has_variable("lora", "down"):
+      down = self.get_variable("lora", "down").astype(self.dtype)
+      up = self.get_variable("lora", "up").astype(self.dtype)
+      scale = self.get_variable("lora", "scale").astype(self.dtype)
+      if down.shape[0] != x.shape[-1] or up.shape[1] != self.features:
+        raise InputError(f"LoRA at {'/'.join(self.scope.path)}: down {down.shape} / up {up.shape} "
+                         f"do not fit a layer {x.shape[-1]} -> {self.features}")
+      y = y + jnp.dot(jnp.dot(x.astype(self.dtype), down) * scale, up)
+    return y

@@ -10,7 +10,8 @@ and the layer computes  y = x @ kernel + bias + ((x @ down) * scale) @ up.
 Several LoRAs on the same layer are concatenated along the rank axis; the per-rank `scale`
 vector carries each one's alpha, so adapters of different ranks and strengths can be active
 together and their strengths changed at run time (the scale is data, not a constant: no
-recompile). The base "params" are never touched unless you call `merge_lora`.
+recompile). The base "params" are never touched unless you call `merge_lora`. The layer itself is
+`adiff_jax.layers.LoRADense`; this file holds the LoRA trees and which layers they target.
 """
 from __future__ import annotations
 
@@ -18,47 +19,19 @@ from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
-from flax import traverse_util
+
+from adiff_jax.errors import InputError
+from adiff_jax.motion_module import is_motion_module
+from adiff_jax.params import flatten, unflatten
 
 Pytree = Any
-
-
-class LoRADense(nn.Module):
-  """nn.Dense (parameters `kernel` (in, out), `bias`) plus an optional LoRA from the "lora" collection."""
-  features: int
-  use_bias: bool = True
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  kernel_init: Callable = nn.initializers.lecun_normal()
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    if self.has_variable("lora", "down"):
-      down = self.get_variable("lora", "down").astype(self.dtype)
-      up = self.get_variable("lora", "up").astype(self.dtype)
-      scale = self.get_variable("lora", "scale").astype(self.dtype)
-      if down.shape[0] != x.shape[-1] or up.shape[1] != self.features:
-        raise ValueError(f"LoRA at {'/'.join(self.scope.path)}: down {down.shape} / up {up.shape} "
-                         f"do not fit a layer {x.shape[-1]} -> {self.features}")
-      y = y + jnp.dot(jnp.dot(x.astype(self.dtype), down) * scale, up)
-    return y
-
-
-def _flat(tree):
-  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def lora_targets(params: Pytree, where: Callable[[str], bool]) -> list[str]:
   """Paths (sep '/') of the attention projections (to_q/to_k/to_v/to_out_0 kernels) for which
   `where(path)` is true. Use `motion_lora_filter` or `domain_adapter_filter`."""
   out = []
-  for path, _ in _flat(params).items():
+  for path, _ in flatten(params).items():
     parts = path.split("/")
     if parts[-1] == "kernel" and parts[-2] in ("to_q", "to_k", "to_v", "to_out_0"):
       layer = "/".join(parts[:-1])
@@ -69,12 +42,12 @@ def lora_targets(params: Pytree, where: Callable[[str], bool]) -> list[str]:
 
 def motion_lora_filter(path: str) -> bool:
   """MotionLoRA: the temporal attention of every motion module."""
-  return "motion_modules_" in path
+  return is_motion_module(path)
 
 
 def domain_adapter_filter(path: str) -> bool:
   """Domain adapter (v3): the spatial self- and cross-attention of the UNet."""
-  return "attentions_" in path and "motion_modules_" not in path and (
+  return "attentions_" in path and not is_motion_module(path) and (
       "/attn1/" in path or "/attn2/" in path)
 
 
@@ -83,8 +56,8 @@ def init_lora(key: jax.Array, params: Pytree, rank: int, where: Callable[[str], 
   """A fresh LoRA tree: down ~ N(0, 1/rank), up = 0 (so it starts as the identity edit)."""
   targets = lora_targets(params, where)
   if not targets:
-    raise ValueError("no attention projections matched the LoRA filter")
-  flat_p = _flat(params)
+    raise InputError("no attention projections matched the LoRA filter")
+  flat_p = flatten(params)
   keys = jax.random.split(key, len(targets))
   flat = {}
   for k, layer in zip(keys, targets):
@@ -92,14 +65,14 @@ def init_lora(key: jax.Array, params: Pytree, rank: int, where: Callable[[str], 
     flat[layer + "/down"] = jax.random.normal(k, (d_in, rank), dtype) / rank
     flat[layer + "/up"] = jnp.zeros((rank, d_out), dtype)
     flat[layer + "/scale"] = jnp.full((rank,), alpha, dtype)
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return unflatten(flat)
 
 
 def combine_loras(loras: Iterable[tuple[Pytree, float]]) -> Pytree:
   """Stack several LoRA trees (each with its own multiplier) into one along the rank axis."""
   merged: dict[str, list] = {}
   for tree, mult in loras:
-    for path, v in _flat(tree).items():
+    for path, v in flatten(tree).items():
       layer, leaf = path.rsplit("/", 1)
       merged.setdefault(layer, []).append((leaf, v, mult))
   flat = {}
@@ -108,17 +81,17 @@ def combine_loras(loras: Iterable[tuple[Pytree, float]]) -> Pytree:
     ups = [v for leaf, v, _ in items if leaf == "up"]
     scales = [v * m for leaf, v, m in items if leaf == "scale"]
     if not (len(downs) == len(ups) == len(scales)):
-      raise ValueError(f"LoRA layer {layer} is missing down/up/scale entries")
+      raise InputError(f"LoRA layer {layer} is missing down/up/scale entries")
     flat[layer + "/down"] = jnp.concatenate(downs, axis=1)
     flat[layer + "/up"] = jnp.concatenate(ups, axis=0)
     flat[layer + "/scale"] = jnp.concatenate(scales, axis=0)
-  return traverse_util.unflatten_dict(flat, sep="/")
+  return unflatten(flat)
 
 
 def merge_lora(params: Pytree, lora: Pytree) -> Pytree:
   """Fold a LoRA tree into the base kernels: kernel += down @ (scale * up). Returns new params."""
-  flat_p = dict(_flat(params))
-  sub = _flat(lora)
+  flat_p = dict(flatten(params))
+  sub = flatten(lora)
   for path in sub:
     layer, leaf = path.rsplit("/", 1)
     if leaf != "down":
@@ -126,9 +99,9 @@ def merge_lora(params: Pytree, lora: Pytree) -> Pytree:
     down, up, scale = sub[layer + "/down"], sub[layer + "/up"], sub[layer + "/scale"]
     key = layer + "/kernel"
     if key not in flat_p:
-      raise KeyError(f"LoRA targets {layer}, which the model does not have")
+      raise InputError(f"LoRA targets {layer}, which the model does not have")
     w = flat_p[key]
     delta = jnp.asarray(down, jnp.float32) @ (jnp.asarray(scale, jnp.float32)[:, None]
                                                 * jnp.asarray(up, jnp.float32))
     flat_p[key] = (jnp.asarray(w, jnp.float32) + delta).astype(w.dtype)
-  return traverse_util.unflatten_dict(flat_p, sep="/")
+  return unflatten(flat_p)

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from adiff_jax.attention import Attention
+from adiff_jax.errors import InputError
 from adiff_jax.embeddings import motion_positional_encoding
 from adiff_jax.layers import GroupNorm
+from adiff_jax.params import merge, split
 from adiff_jax.sharding import DATA, FRAMES, constrain
 from adiff_jax.transformer import FeedForward, layer_norm
 
@@ -60,7 +62,7 @@ class MotionModuleConfig:
   def preset(cls, name: str, **kw) -> "MotionModuleConfig":
     presets = {"v1": cls.v1, "v2": cls.v2, "v3": cls.v3}
     if name not in presets:
-      raise ValueError(f"unknown motion-module preset {name!r}; choose from {sorted(presets)}")
+      raise InputError(f"unknown motion-module preset {name!r}; choose from {sorted(presets)}")
     return presets[name](**kw)
 
 
@@ -82,7 +84,7 @@ class TemporalTransformerBlock(nn.Module):
     pe = jnp.asarray(motion_positional_encoding(cfg.max_len, c)[:, :f], self.dtype)  # (1, F, C)
     for i in range(cfg.num_attention_blocks):
       h = layer_norm(f"norms_{i}", **kw)(x).reshape(b * n, f, c) + pe
-      h = Attention(cfg.num_heads, c // cfg.num_heads, implementation=self.attention_impl,
+      h = Attention(cfg.num_heads, c // cfg.num_heads, attention_impl=self.attention_impl,
                     name=f"attention_blocks_{i}", **kw)(h)
       x = x + h.reshape(b, n, f, c)
     return x + FeedForward(cfg.ff_mult, name="ff", **kw)(layer_norm("ff_norm", **kw)(x))
@@ -128,3 +130,39 @@ class MotionModule(nn.Module):
   def __call__(self, x):
     return TemporalTransformer(self.config, self.attention_impl, name="temporal_transformer",
                                dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The motion module as part of a UNet parameter tree. Its subtrees are the `motion_modules_<i>`
+# children of the UNet blocks ("down_blocks_0/motion_modules_1/temporal_transformer/..."); these
+# functions are the one place that knows it.
+
+_PART = "motion_modules_"
+
+
+def is_motion_module(path: str) -> bool:
+  """Whether a '/'-joined parameter path lies inside a motion module."""
+  return any(p.startswith(_PART) for p in path.split("/"))
+
+
+def zero_init_path(path: str) -> bool:
+  """The kernels that start at zero so that a fresh motion module is the identity."""
+  return is_motion_module(path) and path.endswith("proj_out/kernel")
+
+
+def split_motion_module(unet: dict) -> tuple[dict, dict]:
+  """A UNet tree -> (the image UNet, the motion module): disjoint trees, same paths."""
+  mm, image = split(unet, is_motion_module)
+  return image, mm
+
+
+def merge_motion_module(image_unet: dict, motion_module: dict) -> dict:
+  """Inverse of `split_motion_module`; a path defined in both is an error."""
+  return merge(image_unet, motion_module)
+
+
+def image_model_alone(config, params: dict):
+  """(config, params) of the frozen image model: motion modules removed (config.motion = None),
+  so frames are denoised independently. `config` is a ModelConfig, `params` its parts."""
+  return (dataclasses.replace(config, motion=None),
+          dict(params, unet=split_motion_module(params["unet"])[0]))

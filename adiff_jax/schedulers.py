@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from adiff_jax.errors import InputError
 
 Pytree = Any
 
@@ -57,14 +58,14 @@ class NoiseSchedule:
   def __post_init__(self):
     if self.beta_schedule not in BETA_SCHEDULES:
       hint = _COMFY_HINT.get(self.beta_schedule, "")
-      raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}; expected one of "
+      raise InputError(f"unknown beta_schedule {self.beta_schedule!r}; expected one of "
                        f"{BETA_SCHEDULES} (diffusers names){'; ' + hint if hint else ''}")
     if self.prediction_type not in PREDICTION_TYPES:
-      raise ValueError(f"unknown prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
+      raise InputError(f"unknown prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}")
     if self.timestep_spacing not in TIMESTEP_SPACINGS:
-      raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
+      raise InputError(f"unknown timestep_spacing {self.timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
     if self.num_train_timesteps < 1:
-      raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+      raise InputError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
 
   @classmethod
   def animatediff(cls) -> "NoiseSchedule":
@@ -112,15 +113,15 @@ def alphas_cumprod(schedule: NoiseSchedule) -> np.ndarray:
 
 def _check_steps(schedule: NoiseSchedule, num_steps: int):
   if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool):
-    raise ValueError(f"num_steps must be an int, got {num_steps!r}")
+    raise InputError(f"num_steps must be an int, got {num_steps!r}")
   if not 1 <= num_steps <= schedule.num_train_timesteps:
-    raise ValueError(f"num_steps must be in [1, {schedule.num_train_timesteps}] "
+    raise InputError(f"num_steps must be in [1, {schedule.num_train_timesteps}] "
                      f"(num_train_timesteps), got {num_steps}")
 
 
 def _check_range(schedule: NoiseSchedule, t: np.ndarray, what: str):
   if t.min() < 0 or t.max() > schedule.num_train_timesteps - 1:
-    raise ValueError(f"{what}: timesteps {t.min()}..{t.max()} fall outside [0, "
+    raise InputError(f"{what}: timesteps {t.min()}..{t.max()} fall outside [0, "
                      f"{schedule.num_train_timesteps - 1}]; lower num_steps or steps_offset")
 
 
@@ -200,7 +201,7 @@ def ddim_step(schedule: NoiseSchedule, eps, i, x_t, tables: Mapping[str, Any], *
   if eta:
     if noise is None:
       if key is None:
-        raise ValueError("ddim_step: eta > 0 needs a PRNG `key` (or `noise`)")
+        raise InputError("ddim_step: eta > 0 needs a PRNG `key` (or `noise`)")
       noise = jax.random.normal(key, x.shape, jnp.float32)
     x_prev = x_prev + jnp.sqrt(var) * noise.astype(jnp.float32)
   return x_prev.astype(dtype)
@@ -303,7 +304,7 @@ class Sampler:
       return {"prev_x0": jnp.zeros(latents_shape, jnp.float32)}
     if self.name == "ddim" and self.eta:
       if key is None:
-        raise ValueError("ddim with eta > 0 needs init_state(..., key=PRNGKey)")
+        raise InputError("ddim with eta > 0 needs init_state(..., key=PRNGKey)")
       return {"key": key}
     return {}
 
@@ -362,11 +363,11 @@ def _dpm_step(schedule: NoiseSchedule, state, out, i, x_in, tables):
 def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, eta: float = 0.0) -> Sampler:
   """Sampler "ddim" | "euler" | "dpmpp_2m" for `num_steps` steps (eta: DDIM only)."""
   if name not in SAMPLERS:
-    raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+    raise InputError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
   if eta < 0:
-    raise ValueError(f"eta must be >= 0, got {eta}")
+    raise InputError(f"eta must be >= 0, got {eta}")
   if eta and name != "ddim":
-    raise ValueError(f"eta is only supported by ddim, not {name!r}")
+    raise InputError(f"eta is only supported by ddim, not {name!r}")
   if name == "ddim":
     tables = ddim_tables(schedule, num_steps)
     sigma0 = 1.0
@@ -455,5 +456,5 @@ def v_space_weight(schedule: NoiseSchedule, t):
 def sample_timesteps(key: jax.Array, batch: int, num_train_timesteps: int = 1000, low: int = 0):
   """(batch,) int32 timesteps uniform in [low, num_train_timesteps) (official: low = 0)."""
   if not 0 <= low < num_train_timesteps:
-    raise ValueError(f"lowest training timestep {low} outside [0, {num_train_timesteps})")
+    raise InputError(f"lowest training timestep {low} outside [0, {num_train_timesteps})")
   return jax.random.randint(key, (batch,), low, num_train_timesteps, dtype=jnp.int32)

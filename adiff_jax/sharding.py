@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from adiff_jax.errors import InputError
 
 DATA, FRAMES = "data", "frames"
 
@@ -19,10 +20,10 @@ def make_mesh(data: Optional[int] = None, frames: int = 1, devices=None) -> Mesh
   devices = list(jax.devices() if devices is None else devices)
   if data is None:
     if len(devices) % frames:
-      raise ValueError(f"{len(devices)} devices cannot be split into frames={frames} groups")
+      raise InputError(f"{len(devices)} devices cannot be split into frames={frames} groups")
     data = len(devices) // frames
   if data * frames > len(devices):
-    raise ValueError(f"mesh data={data} x frames={frames} needs {data * frames} devices, "
+    raise InputError(f"mesh data={data} x frames={frames} needs {data * frames} devices, "
                      f"only {len(devices)} available")
   arr = np.asarray(devices[: data * frames]).reshape(data, frames)
   return Mesh(arr, (DATA, FRAMES), axis_types=(AxisType.Auto, AxisType.Auto))

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 import regex
+from adiff_jax.errors import InputError
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -81,7 +82,7 @@ def _parse_merges(lines: Sequence[str]) -> list[tuple[str, str]]:
       continue
     parts = line.split()
     if len(parts) != 2:
-      raise ValueError(f"malformed merges line: {line!r}")
+      raise InputError(f"malformed merges line: {line!r}")
     merges.append((parts[0], parts[1]))
   return merges
 
@@ -99,10 +100,10 @@ class CLIPTokenizer:
   def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]],
                max_length: int = MAX_LENGTH):
     if max_length < 2:
-      raise ValueError(f"max_length must be >= 2 (bos + eos), got {max_length}")
+      raise InputError(f"max_length must be >= 2 (bos + eos), got {max_length}")
     for tok in (BOS_TOKEN, EOS_TOKEN):
       if tok not in vocab:
-        raise ValueError(f"vocabulary has no {tok!r}")
+        raise InputError(f"vocabulary has no {tok!r}")
     self.encoder = dict(vocab)
     self.merges = [tuple(m) for m in merges]
     self.ranks = {m: i for i, m in enumerate(self.merges)}

@@ -59,7 +59,7 @@ class BasicTransformerBlock(nn.Module):
   def __call__(self, x, context):
     b, f, n, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    attn = lambda name: Attention(self.heads, self.dim_head, implementation=self.attention_impl,
+    attn = lambda name: Attention(self.heads, self.dim_head, attention_impl=self.attention_impl,
                                   name=name, **kw)
     h = layer_norm("norm1", **kw)(x).reshape(b * f, n, c)           # frames as batch
     x = x + attn("attn1")(h).reshape(b, f, n, c)

@@ -18,6 +18,7 @@ from adiff_jax.motion_module import MotionModule, MotionModuleConfig
 from adiff_jax.resnet import Downsample, ResnetBlock, Upsample
 from adiff_jax.sharding import DATA, FRAMES, constrain
 from adiff_jax.transformer import SpatialTransformer
+from adiff_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ class UNetConfig:
 
   def __post_init__(self):
     if len(self.cross_attention_levels) != len(self.block_out_channels):
-      raise ValueError("cross_attention_levels needs one entry per block_out_channels level")
+      raise InputError("cross_attention_levels needs one entry per block_out_channels level")
 
   @classmethod
   def sd15(cls) -> "UNetConfig":
@@ -188,27 +189,27 @@ class UNet3D(nn.Module):
     """Shape checks; they raise while tracing, before anything is compiled."""
     cfg = self.config
     if sample.ndim != 5:
-      raise ValueError(f"sample must be (B, F, H, W, C) video latents, got shape {sample.shape}")
+      raise InputError(f"sample must be (B, F, H, W, C) video latents, got shape {sample.shape}")
     b, f, h, w, c = sample.shape
     if c != cfg.in_channels:
-      raise ValueError(f"sample has {c} channels, the UNet expects {cfg.in_channels} "
+      raise InputError(f"sample has {c} channels, the UNet expects {cfg.in_channels} "
                        "(channels-last layout: (B, F, H, W, C))")
     k = cfg.downsample_factor
     if h % k or w % k:
-      raise ValueError(f"latent size {h}x{w} is not divisible by the UNet's downsampling factor "
+      raise InputError(f"latent size {h}x{w} is not divisible by the UNet's downsampling factor "
                        f"{k} (image size must be a multiple of {8 * k})")
     if self.motion is not None and f > self.motion.max_len:
-      raise ValueError(f"{f} frames exceed the motion module's positional encoding "
+      raise InputError(f"{f} frames exceed the motion module's positional encoding "
                        f"(at most {self.motion.max_len} frames)")
     t = jnp.shape(timesteps)
     if t not in ((), (b,), (b, f)):
-      raise ValueError(f"timesteps must be a scalar, (B,) or (B, F) = ({b}, {f}); got {t}")
+      raise InputError(f"timesteps must be a scalar, (B,) or (B, F) = ({b}, {f}); got {t}")
     if context.ndim not in (3, 4) or context.shape[0] != b or (
         context.ndim == 4 and context.shape[1] != f):
-      raise ValueError(f"text context must be (B, L, D) or (B, F, L, D) with B={b}, F={f}; "
+      raise InputError(f"text context must be (B, L, D) or (B, F, L, D) with B={b}, F={f}; "
                        f"got {context.shape}")
     if context.shape[-1] != cfg.cross_attention_dim:
-      raise ValueError(f"text context width {context.shape[-1]} != cross_attention_dim "
+      raise InputError(f"text context width {context.shape[-1]} != cross_attention_dim "
                        f"{cfg.cross_attention_dim}")
 
   @nn.compact

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ import flax.linen as nn
 
 from adiff_jax.attention import Attention
 from adiff_jax.layers import Conv2d, GroupNorm
+from adiff_jax.errors import InputError
 
 _EPS = 1e-6  # every GroupNorm in the SD VAE uses eps 1e-6 (not torch's default 1e-5)
 
@@ -36,8 +37,6 @@ class VAEConfig:
   layers_per_block: int = 2
   norm_num_groups: int = 32
   scaling_factor: float = 0.18215
-  dtype: jnp.dtype = jnp.float32        # compute dtype
-  param_dtype: jnp.dtype = jnp.float32  # storage dtype of the parameters
 
   @classmethod
   def sd15(cls, **kw) -> "VAEConfig":
@@ -87,140 +86,146 @@ def unscale_latents(latents: jax.Array, config: VAEConfig) -> jax.Array:
 
 # ----------------------------------------------------------------------------- building blocks
 
-class ResnetBlock(nn.Module):
+class _Block(nn.Module):
+  """What every VAE block gets from AutoencoderKL: the config and the two dtypes."""
+  config: VAEConfig
+  dtype: Any            # compute dtype
+  param_dtype: Any      # storage dtype of the parameters
+
+  @property
+  def kw(self) -> dict:
+    """Passed on to child blocks."""
+    return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+
+  @property
+  def dtypes(self) -> dict:
+    """Passed on to layers."""
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class ResnetBlock(_Block):
   """Pre-norm residual block without time embedding (diffusers ResnetBlock2D, temb=None)."""
   features: int
-  config: VAEConfig
 
   @nn.compact
   def __call__(self, x):  # (N, H, W, Cin) -> (N, H, W, features)
     cfg = self.config
-    norm = functools.partial(GroupNorm, cfg.norm_num_groups, _EPS, dtype=cfg.dtype,
-                             param_dtype=cfg.param_dtype)
-    conv = functools.partial(Conv2d, self.features, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    norm = functools.partial(GroupNorm, cfg.norm_num_groups, _EPS, **self.dtypes)
+    conv = functools.partial(Conv2d, self.features, **self.dtypes)
     h = conv(name="conv1")(nn.silu(norm(name="norm1")(x)))
     h = conv(name="conv2")(nn.silu(norm(name="norm2")(h)))  # dropout is 0 in the SD VAE
     if x.shape[-1] != self.features:
       x = conv(kernel_size=1, padding=0, name="conv_shortcut")(x)
-    return (x + h).astype(cfg.dtype)
+    return (x + h).astype(self.dtype)
 
 
-class AttentionBlock(nn.Module):
+class AttentionBlock(_Block):
   """Single-head spatial self-attention with GroupNorm and residual (the VAE mid block's).
 
   Shares its scope with the project `Attention`, so to_q/to_k/to_v/to_out_0 sit next to
   group_norm exactly as in the diffusers state dict.
   """
   channels: int
-  config: VAEConfig
 
   def setup(self):
     cfg = self.config
-    self.group_norm = GroupNorm(cfg.norm_num_groups, _EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    self.attn = Attention(heads=1, dim_head=self.channels, qkv_bias=True, dtype=cfg.dtype,
-                          param_dtype=cfg.param_dtype)
+    self.group_norm = GroupNorm(cfg.norm_num_groups, _EPS, **self.dtypes)
+    self.attn = Attention(heads=1, dim_head=self.channels, qkv_bias=True, **self.dtypes)
     nn.share_scope(self, self.attn)
 
   def __call__(self, x):  # (N, H, W, C)
     n, h, w, c = x.shape
     y = self.group_norm(x).reshape(n, h * w, c)  # pixels are the sequence
     y = self.attn(y).reshape(n, h, w, c)
-    return (x + y).astype(self.config.dtype)
+    return (x + y).astype(self.dtype)
 
 
-class MidBlock(nn.Module):
-  config: VAEConfig
+class MidBlock(_Block):
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    x = ResnetBlock(c, self.config, name="resnets_0")(x)
-    x = AttentionBlock(c, self.config, name="attentions_0")(x)
-    return ResnetBlock(c, self.config, name="resnets_1")(x)
+    x = ResnetBlock(features=c, **self.kw, name="resnets_0")(x)
+    x = AttentionBlock(channels=c, **self.kw, name="attentions_0")(x)
+    return ResnetBlock(features=c, **self.kw, name="resnets_1")(x)
 
 
-class Downsample(nn.Module):
-  config: VAEConfig
+class Downsample(_Block):
 
   @nn.compact
   def __call__(self, x):  # (N, H, W, C) -> (N, H/2, W/2, C)
     # SD's encoder pads only bottom/right (torch F.pad (0, 1, 0, 1)), then a valid stride-2 conv.
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
     cfg = self.config
-    return Conv2d(x.shape[-1], 3, stride=2, padding=0, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+    return Conv2d(x.shape[-1], 3, stride=2, padding=0, **self.dtypes,
                   name="conv")(x)
 
 
-class Upsample(nn.Module):
-  config: VAEConfig
+class Upsample(_Block):
 
   @nn.compact
   def __call__(self, x):  # (N, H, W, C) -> (N, 2H, 2W, C)
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
     cfg = self.config
-    return Conv2d(x.shape[-1], dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="conv")(x)
+    return Conv2d(x.shape[-1], **self.dtypes, name="conv")(x)
 
 
-class DownBlock(nn.Module):
+class DownBlock(_Block):
   """DownEncoderBlock2D: resnets, then a stride-2 downsampler unless it is the last block."""
   features: int
   add_downsample: bool
-  config: VAEConfig
 
   @nn.compact
   def __call__(self, x):
     for j in range(self.config.layers_per_block):
-      x = ResnetBlock(self.features, self.config, name=f"resnets_{j}")(x)
+      x = ResnetBlock(features=self.features, **self.kw, name=f"resnets_{j}")(x)
     if self.add_downsample:
-      x = Downsample(self.config, name="downsamplers_0")(x)
+      x = Downsample(**self.kw, name="downsamplers_0")(x)
     return x
 
 
-class UpBlock(nn.Module):
+class UpBlock(_Block):
   """UpDecoderBlock2D: layers_per_block + 1 resnets, then a x2 upsampler unless last."""
   features: int
   add_upsample: bool
-  config: VAEConfig
 
   @nn.compact
   def __call__(self, x):
     for j in range(self.config.layers_per_block + 1):
-      x = ResnetBlock(self.features, self.config, name=f"resnets_{j}")(x)
+      x = ResnetBlock(features=self.features, **self.kw, name=f"resnets_{j}")(x)
     if self.add_upsample:
-      x = Upsample(self.config, name="upsamplers_0")(x)
+      x = Upsample(**self.kw, name="upsamplers_0")(x)
     return x
 
 
-class Encoder(nn.Module):
-  config: VAEConfig
+class Encoder(_Block):
 
   @nn.compact
   def __call__(self, x):  # (N, H, W, in_channels) -> (N, H/f, W/f, 2 * latent_channels)
     cfg = self.config
-    conv = functools.partial(Conv2d, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    conv = functools.partial(Conv2d, **self.dtypes)
     chans = cfg.block_out_channels
     x = conv(chans[0], name="conv_in")(x)
     for i, ch in enumerate(chans):
-      x = DownBlock(ch, i < len(chans) - 1, cfg, name=f"down_blocks_{i}")(x)
-    x = MidBlock(cfg, name="mid_block")(x)  # (N, H/f, W/f, chans[-1])
-    x = nn.silu(GroupNorm(cfg.norm_num_groups, _EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      x = DownBlock(features=ch, add_downsample=i < len(chans) - 1, **self.kw, name=f"down_blocks_{i}")(x)
+    x = MidBlock(**self.kw, name="mid_block")(x)  # (N, H/f, W/f, chans[-1])
+    x = nn.silu(GroupNorm(cfg.norm_num_groups, _EPS, **self.dtypes,
                           name="conv_norm_out")(x))
     return conv(2 * cfg.latent_channels, name="conv_out")(x)  # mean and logvar stacked
 
 
-class Decoder(nn.Module):
-  config: VAEConfig
+class Decoder(_Block):
 
   @nn.compact
   def __call__(self, z):  # (N, h, w, latent_channels) -> (N, h*f, w*f, out_channels)
     cfg = self.config
-    conv = functools.partial(Conv2d, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    conv = functools.partial(Conv2d, **self.dtypes)
     chans = tuple(reversed(cfg.block_out_channels))  # up blocks run widest first
     x = conv(chans[0], name="conv_in")(z)
-    x = MidBlock(cfg, name="mid_block")(x)
+    x = MidBlock(**self.kw, name="mid_block")(x)
     for i, ch in enumerate(chans):
-      x = UpBlock(ch, i < len(chans) - 1, cfg, name=f"up_blocks_{i}")(x)
-    x = nn.silu(GroupNorm(cfg.norm_num_groups, _EPS, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      x = UpBlock(features=ch, add_upsample=i < len(chans) - 1, **self.kw, name=f"up_blocks_{i}")(x)
+    x = nn.silu(GroupNorm(cfg.norm_num_groups, _EPS, **self.dtypes,
                           name="conv_norm_out")(x))
     return conv(cfg.out_channels, name="conv_out")(x)
 
@@ -229,24 +234,29 @@ class Decoder(nn.Module):
 
 def _check(x, rank: int, channels: int, what: str, divisor: int = 1):
   if x.ndim != rank:
-    raise ValueError(f"{what}: expected rank {rank} (channels last), got shape {x.shape}")
+    raise InputError(f"{what}: expected rank {rank} (channels last), got shape {x.shape}")
   if x.shape[-1] != channels:
-    raise ValueError(f"{what}: expected {channels} channels in the last axis, got shape {x.shape}")
+    raise InputError(f"{what}: expected {channels} channels in the last axis, got shape {x.shape}")
   h, w = x.shape[-3:-1]
   if h % divisor or w % divisor:
-    raise ValueError(f"{what}: height and width must be divisible by {divisor}, got {h}x{w}")
+    raise InputError(f"{what}: height and width must be divisible by {divisor}, got {h}x{w}")
 
 
 class AutoencoderKL(nn.Module):
   """SD VAE. `init(key, images)` / `apply(params, images, key)` run a full reconstruction;
-  `apply(params, x, method="encode")` and `apply(params, z, method="decode")` the halves."""
+  `apply(params, x, method="encode")` and `apply(params, z, method="decode")` the halves.
+  dtype is the compute dtype, param_dtype the dtype parameters are created in (as UNet3D and
+  CLIPTextModel take them)."""
   config: VAEConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   def setup(self):
     cfg = self.config
-    conv = functools.partial(Conv2d, kernel_size=1, padding=0, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    self.encoder = Encoder(cfg)
-    self.decoder = Decoder(cfg)
+    kw = dict(config=cfg, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(Conv2d, kernel_size=1, padding=0, dtype=self.dtype, param_dtype=self.param_dtype)
+    self.encoder = Encoder(**kw)
+    self.decoder = Decoder(**kw)
     self.quant_conv = conv(2 * cfg.latent_channels)
     self.post_quant_conv = conv(cfg.latent_channels)
 
@@ -279,7 +289,7 @@ def _chunked(fn, xs, chunk_size: int):
   are per image), so padding cannot change the real frames.
   """
   if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    raise InputError(f"chunk_size must be a positive int, got {chunk_size!r}")
   n = xs[0].shape[0]
   chunk_size = min(chunk_size, n)
   pad = -n % chunk_size

@@ -26,13 +26,14 @@ def make_file(path: str) -> None:
   from adiff_jax.clip_text import CLIPTextConfig
   from adiff_jax.unet import UNetConfig
   from adiff_jax.vae import VAEConfig
-  from convert_weights import base
+  from adiff_jax.model import param_shapes
+  from convert_weights import sd_base as base
 
   rng = np.random.default_rng(0)
   rand = lambda tree: jax.tree.map(
       lambda s: (rng.standard_normal(s.shape, np.float32) * 0.02).astype(np.float16), tree)
-  base.export_ldm(path, rand(base.expected_unet(UNetConfig.sd15())),
-                  rand(base.expected_vae(VAEConfig.sd15())), rand(base.expected_text(CLIPTextConfig.sd15())))
+  base.export_ldm(path, rand(param_shapes(UNetConfig.sd15())),
+                  rand(param_shapes(VAEConfig.sd15())), rand(param_shapes(CLIPTextConfig.sd15())))
 
 
 def du(path: str) -> int:

@@ -31,10 +31,10 @@ import numpy as np
 
 from adiff_jax.data.synthetic import (COLORS, DIRECTIONS, SHAPES, caption_for, render_clip,
                                       sample_params, trail_direction)
-from adiff_jax.pipeline import Pipeline, SamplingConfig
+from adiff_jax.sampling import Pipeline, SamplingConfig
 from adiff_jax.schedulers import add_noise
 from adiff_jax.vae import encode_video
-from bench.motion_eval import image_model_alone
+from adiff_jax.motion_module import image_model_alone
 
 
 _LOSS_T = (900, 600, 300)                                           # high, mid, low noise
@@ -94,8 +94,9 @@ def main():
   ap.add_argument("--size", type=int, default=64)
   args = ap.parse_args()
 
-  import sample
-  cfg, params, _, desc = sample.load_model(sample.parse_args(["--ckpt", args.ckpt]))
+  from adiff_jax import model_dir
+  cfg, params, _, _ = model_dir.load(args.ckpt)
+  desc = args.ckpt
   pipe = Pipeline(*image_model_alone(cfg, params))
   print(f"model: {desc}")
   for kind, (own, after) in word_sensitivity(pipe).items():

@@ -19,8 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import torch
 
-from adiff_jax.builtin import random_params
-from adiff_jax.pipeline import ModelConfig, Pipeline, SamplingConfig
+from adiff_jax.model import random_params
+from adiff_jax.model import ModelConfig
+from adiff_jax.sampling import Pipeline, SamplingConfig
 from bench.results import add_row, command
 
 

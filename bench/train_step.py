@@ -10,7 +10,7 @@ encode is left out on both sides; --with-vae adds it to the JAX step). The JAX s
 the frozen CLIP text encoder on the token ids; the PyTorch step gets the text states ready-made.
 PyTorch runs f32 on CPU and bf16 autocast on GPU; JAX computes in --dtype with f32 weights.
 FLOPs per step come from XLA's cost analysis of the compiled JAX step; MFU = FLOP/s / device
-peak (adiff_jax.train.logging.PEAK_FLOPS; 'n/a' where unknown, e.g. CPU). Appends a row with
+peak (adiff_jax.train.metrics_log.PEAK_FLOPS; 'n/a' where unknown, e.g. CPU). Appends a row with
 the command to bench/RESULTS.md under "## Training step".
 """
 from __future__ import annotations
@@ -33,13 +33,13 @@ from bench.results import add_row, command
 
 
 def jax_step(args):
-  from adiff_jax.builtin import random_params
+  from adiff_jax.model import random_params
   from adiff_jax.motion_module import MotionModuleConfig
-  from adiff_jax.pipeline import ModelConfig
+  from adiff_jax.model import ModelConfig
   from adiff_jax.sharding import make_mesh
   from adiff_jax.train import state as S
   from adiff_jax.train.config import load_config
-  from adiff_jax.train.logging import compiled_flops, device_peak_flops
+  from adiff_jax.train.metrics_log import compiled_flops, device_peak_flops
   from adiff_jax.train.step import make_spec, make_train_step
 
   mc = ModelConfig.sd15("v1") if args.model == "sd15" else ModelConfig.tiny()

@@ -93,30 +93,26 @@ def _overrides(a) -> dict:
 def main(argv=None) -> int:
   a = _parser().parse_args(argv)
   log = lambda s: print(s, file=sys.stderr)
-  try:
-    if a.cmd == "inspect":
-      from convert_weights.inspect_cmd import inspect
-      print(inspect(a.path, check=not a.no_check))
-    elif a.cmd == "to-orbax":
-      from convert_weights.pipeline import to_orbax
-      meta = to_orbax(a.out, a.base, a.motion_module, [_path_value(s, 1.0) for s in a.motion_lora],
-                      _path_value(a.domain_adapter, 1.0) if a.domain_adapter else None,
-                      [_path_value(s, 0.8) for s in a.lora], a.dtype, a.kohya_scaling, a.mm_version,
-                      _overrides(a), a.overwrite, log=log)
-      for n in meta.get("notes", []):
-        log(f"note: {n}")
-      print(os.path.abspath(a.out))
-    else:
-      from convert_weights.pipeline import to_torch
-      to_torch(a.model_dir, a.what, a.out, a.format, a.item, log=log)
-  except Exception as e:  # noqa: BLE001 - one clear line, not a traceback
-    from convert_weights.errors import ConversionError
-    kind = "" if isinstance(e, ConversionError) else f"{type(e).__name__}: "
-    msg = " ".join(str(e).split())
-    print(f"error: {kind}{msg}", file=sys.stderr)
-    return 1
+  if a.cmd == "inspect":
+    from convert_weights.inspect_cmd import inspect
+    print(inspect(a.path, check=not a.no_check))
+  elif a.cmd == "to-orbax":
+    from convert_weights.convert import to_orbax
+    meta = to_orbax(a.out, a.base, a.motion_module, [_path_value(s, 1.0) for s in a.motion_lora],
+                    _path_value(a.domain_adapter, 1.0) if a.domain_adapter else None,
+                    [_path_value(s, 0.8) for s in a.lora], a.dtype, a.kohya_scaling, a.mm_version,
+                    _overrides(a), a.overwrite, log=log)
+    for n in meta.get("notes", []):
+      log(f"note: {n}")
+    print(os.path.abspath(a.out))
+  else:
+    from convert_weights.convert import to_torch
+    to_torch(a.model_dir, a.what, a.out, a.format, a.item, log=log)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # Conversion errors (unreadable, unrecognised or mismatched files) print one `error:` line
+  # and exit 2; anything else is a bug and keeps its traceback.
+  from adiff_jax.errors import run_cli
+  sys.exit(run_cli(main))

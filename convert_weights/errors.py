@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from adiff_jax.errors import InputError
 
-class ConversionError(Exception):
+
+class ConversionError(InputError):
   """A checkpoint could not be read, recognised or converted; the message says why."""
 
 

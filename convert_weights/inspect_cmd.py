@@ -20,7 +20,7 @@ def _summary(sd: dict) -> list[str]:
 
 def _check(path: str, fmt: str) -> tuple[str, list[str]]:
   """Run the matching loader; returns (detail line, notes)."""
-  from convert_weights import base, lora_files, motion
+  from convert_weights import lora_files, motion_module_files as motion, sd_base as base
   info: dict = {}
   if fmt in ("ldm", "diffusers_folder"):
     b = base.load_base_model(path, info=info)
@@ -36,7 +36,7 @@ def _check(path: str, fmt: str) -> tuple[str, list[str]]:
     tree = lora_files.load_domain_adapter(path)
   else:
     return "", []
-  from convert_weights.tree import flatten
+  from adiff_jax.params import flatten
   ranks = sorted({int(v.shape[0]) for k, v in flatten(tree).items() if k.endswith("/scale")})
   return f"LoRA layers: {len(flatten(tree)) // 3}, rank(s) {ranks}", []
 

@@ -25,8 +25,9 @@ import numpy as np
 from convert_weights import io
 from convert_weights.detect import detect_keys
 from convert_weights.errors import ConversionError, few
-from convert_weights.motion_module import diffusers_to_official
-from convert_weights.tree import flatten, torch_key_to_path, torch_to_flax_array, unflatten
+from convert_weights.motion_module_keys import diffusers_to_official
+from adiff_jax.params import flatten, unflatten
+from convert_weights.tree import torch_key_to_path, torch_to_flax_array
 
 _PROC = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _TARGET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}

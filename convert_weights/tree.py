@@ -16,6 +16,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from adiff_jax.params import flatten, unflatten
+
 # torch module names that genuinely end in _<digit> (not a list index).
 _UNDERSCORE_DIGIT_NAMES = {"linear_1", "linear_2"}
 _INDEX = re.compile(r"^(.*)_(\d+)$")
@@ -98,51 +100,6 @@ def tree_to_state_dict(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
   walk(tree, ())
   return out
-
-
-def flatten(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
-  """{'a': {'b': x}} -> {'a/b': x}."""
-  out: dict[str, Any] = {}
-
-  def walk(node, prefix):
-    for k, v in node.items():
-      if isinstance(v, Mapping):
-        walk(v, prefix + (k,))
-      else:
-        out[sep.join(prefix + (k,))] = v
-
-  walk(tree, ())
-  return out
-
-
-def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    *mods, leaf = path.split(sep)
-    node = tree
-    for p in mods:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
-
-
-def merge_trees(*trees: Mapping[str, Any]) -> dict:
-  """Union of nested dicts (e.g. the base UNet tree and a motion-module tree); no overlaps allowed."""
-  flat: dict[str, Any] = {}
-  for t in trees:
-    for k, v in flatten(t).items():
-      if k in flat:
-        raise ValueError(f"both trees define {k}")
-      flat[k] = v
-  return unflatten(flat)
-
-
-def split_tree(tree: Mapping[str, Any], where) -> tuple[dict, dict]:
-  """(paths where `where(path)` is true, the rest), e.g. motion modules vs the base UNet."""
-  yes, no = {}, {}
-  for k, v in flatten(tree).items():
-    (yes if where(k) else no)[k] = v
-  return unflatten(yes), unflatten(no)
 
 
 def torch_shape(path: str, shape: tuple) -> tuple:

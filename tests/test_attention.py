@@ -31,7 +31,7 @@ def test_mask_and_bad_input():
   v = jnp.arange(4, dtype=jnp.float32)[None, :, None, None] * jnp.ones((1, 4, 2, 8))
   out = dot_product_attention(q, q, v, mask=mask)
   np.testing.assert_allclose(out, 0.5, atol=1e-6)   # only keys 0 and 1 (values 0, 1) are seen
-  with pytest.raises(ValueError, match="implementation"):
-    dot_product_attention(q, q, q, implementation="flash")
+  with pytest.raises(ValueError, match="attention_impl"):
+    dot_product_attention(q, q, q, attention_impl="flash")
   with pytest.raises(ValueError, match=r"\(B, L, H, D\)"):
     dot_product_attention(q[0], q[0], q[0])

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from adiff_jax.clip_text import CLIPTextConfig, CLIPTextModel
-from convert_weights.base import tree_from_diffusers
+from convert_weights.sd_base import tree_from_diffusers
 
 
 def _hf_config(cfg: CLIPTextConfig):

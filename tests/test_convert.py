@@ -24,10 +24,14 @@ from adiff_jax.clip_text import CLIPTextConfig, CLIPTextModel
 from adiff_jax.motion_module import MotionModuleConfig
 from adiff_jax.unet import UNet3D, UNetConfig
 from adiff_jax.vae import AutoencoderKL, VAEConfig
-from convert_weights import base, io, ldm, lora_files, motion, orbax_io, pipeline
+from adiff_jax import model_dir
+from adiff_jax.model import param_shapes
+from convert_weights import convert as pipeline, io, ldm, lora_files, motion_module_files as motion, sd_base as base
 from convert_weights.errors import ConversionError
-from convert_weights.motion_module import diffusers_to_official
-from convert_weights.tree import flatten, merge_trees, path_to_torch_key, tree_to_state_dict
+from convert_weights.motion_module_keys import diffusers_to_official
+from adiff_jax.motion_module import merge_motion_module, split_motion_module
+from adiff_jax.params import flatten
+from convert_weights.tree import path_to_torch_key, tree_to_state_dict
 from torch_ref import patch_motion_norms_per_frame, randomize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,8 +214,8 @@ def test_ldm_round_trip_bit_exact(torch_models, tmp_path, dtype, ext):
   sd.pop("model_ema.decay")
   io.save_torch_file(sd, src)
   assert_same_file(src, out)
-  trees, meta = orbax_io.load_model_dir(str(tmp_path / "orbax"), ["unet"])
-  assert orbax_io.unet_config_from_meta(meta) == UNetConfig.tiny()
+  trees, meta = model_dir.load_items(str(tmp_path / "orbax"), ["unet"])
+  assert model_dir.config_of(meta, "unet") == UNetConfig.tiny()
   assert meta["sources"]["base"]["sha256"] and meta["converter_version"]
 
 
@@ -283,7 +287,7 @@ def test_motion_module_versions_and_parity(torch_models, base_model, tmp_path, m
   with torch.no_grad():
     want = ref(torch.from_numpy(sample).permute(0, 4, 1, 2, 3), torch.tensor([77.0]),
                torch.from_numpy(np.repeat(ctx, 4, 0))).sample.permute(0, 2, 3, 4, 1).numpy()
-  params = merge_trees(base_model["unet"], tree)
+  params = merge_motion_module(base_model["unet"], tree)
   got = jax.jit(UNet3D(base_model["unet_config"], cfg).apply)({"params": params}, sample, np.array([77.0]), ctx)
   assert rel_err(got, want) < 1e-4
 
@@ -450,7 +454,7 @@ def test_missing_keys_and_shape_mismatch(torch_models, tmp_path):
 
 def test_failed_write_leaves_no_output_dir(ldm_file, tmp_path, monkeypatch):
   calls = []
-  real = orbax_io._write_item
+  real = model_dir._write_item
 
   def flaky(path, tree):
     calls.append(path)
@@ -458,13 +462,13 @@ def test_failed_write_leaves_no_output_dir(ldm_file, tmp_path, monkeypatch):
       raise RuntimeError("disk full (injected)")
     real(path, tree)
 
-  monkeypatch.setattr(orbax_io, "_write_item", flaky)
+  monkeypatch.setattr(model_dir, "_write_item", flaky)
   out = tmp_path / "model"
   with pytest.raises(RuntimeError, match="injected"):
     pipeline.to_orbax(str(out), base_path=ldm_file, overrides=OVERRIDES, log=lambda s: None)
   assert not out.exists()
   assert os.listdir(tmp_path) == []  # no temp dir left either
-  monkeypatch.setattr(orbax_io, "_write_item", real)
+  monkeypatch.setattr(model_dir, "_write_item", real)
   pipeline.to_orbax(str(out), base_path=ldm_file, overrides=OVERRIDES, log=lambda s: None)
   with pytest.raises(ConversionError, match="already exists"):
     pipeline.to_orbax(str(out), base_path=ldm_file, overrides=OVERRIDES, log=lambda s: None)
@@ -494,7 +498,8 @@ def test_cli_inspect_convert_export_and_errors(ldm_file, adapter_v2, tmp_path):
   assert os.path.isfile(tmp_path / "ad" / "config.json")
   r = _cli("to-orbax", "--base", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o2"))
   errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-  assert r.returncode == 1 and len(errors) == 1 and "no such file" in errors[0]
+  assert r.returncode == 2 and len(errors) == 1 and "no such file" in errors[0]   # as argparse
+  assert "Traceback" not in r.stderr
   assert r.stderr.rstrip().splitlines()[-1] == errors[0]
   assert not (tmp_path / "o2").exists()
   r = _cli("--help")
@@ -510,9 +515,9 @@ def _random_like(tree, dtype, seed=0):
 @pytest.mark.slow
 def test_sd15_full_size_ldm_fp16_round_trip(tmp_path):
   """SD1.5-shaped LDM file (random fp16 from our shape tables) converts and round-trips."""
-  unet = _random_like(base.expected_unet(UNetConfig.sd15()), np.float16, 0)
-  vae = _random_like(base.expected_vae(VAEConfig.sd15()), np.float16, 1)
-  text = _random_like(base.expected_text(CLIPTextConfig.sd15()), np.float16, 2)
+  unet = _random_like(param_shapes(UNetConfig.sd15()), np.float16, 0)
+  vae = _random_like(param_shapes(VAEConfig.sd15()), np.float16, 1)
+  text = _random_like(param_shapes(CLIPTextConfig.sd15()), np.float16, 2)
   src = str(tmp_path / "sd15.safetensors")
   base.export_ldm(src, unet, vae, text)
   sd = io.load_torch_file(src)
@@ -531,11 +536,7 @@ def test_sd15_full_size_ldm_fp16_round_trip(tmp_path):
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 def test_full_size_motion_modules(tmp_path, version):
   cfg = MotionModuleConfig.preset(version)
-  shapes = jax.eval_shape(lambda: __import__("adiff_jax.unet", fromlist=["init_params"]).init_params(
-      jax.random.key(0), UNet3D(UNetConfig.sd15(), cfg), frames=1))
-  mm = {k: v for k, v in shapes.items() if k.startswith(("down_blocks", "up_blocks", "mid_block"))}
-  from convert_weights.tree import split_tree
-  mm, _ = split_tree(mm, lambda p: "motion_modules_" in p)
+  _, mm = split_motion_module(param_shapes(UNetConfig.sd15(), cfg))
   tree = _random_like(mm, np.float16, 3)
   n = sum(int(np.prod(v.shape)) for v in flatten(tree).values())
   assert n == (453_209_280 if version == "v2" else 417_137_600)

@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from adiff_jax.data import pipeline, synthetic, webvid
-from adiff_jax.data.pipeline import ClipConfig, ClipTransform, clip_indices, make_train_loader
+from adiff_jax.data import loader, synthetic, webvid
+from adiff_jax.data.loader import ClipConfig, ClipTransform, clip_indices, make_train_loader
 
 H, W = 48, 64
 
@@ -76,7 +76,7 @@ def test_transform_shapes_range_and_indices(video_dir):
   # Frames must be linspace(1, 29, 8); 48x64 -> 32x42 (scale 2/3) then crop 5 px each side.
   expected = clip_indices(30, 4, 8, 0.99)
   # Identify each output frame by its nearest reference frame (the codec is lossy).
-  refs = pipeline.to_model_range(pipeline.resize_center_crop(moving_square(30), (32, 32)))
+  refs = loader.to_model_range(loader.resize_center_crop(moving_square(30), (32, 32)))
   errs = np.abs(v[:, None] - refs[None]).mean(axis=(2, 3, 4))    # (8, 30)
   assert errs.argmin(axis=1).tolist() == expected.tolist() == [1, 5, 9, 13, 17, 21, 25, 29]
 
@@ -279,7 +279,7 @@ def test_displacement_recovers_direction(direction, shape):
     np.testing.assert_allclose(synthetic.motion_displacement(clip), d, atol=0.1 * travel)
     assert synthetic.motion_direction(clip) == direction
     # Model-range float frames work too.
-    assert synthetic.motion_direction(pipeline.to_model_range(clip), color) == direction
+    assert synthetic.motion_direction(loader.to_model_range(clip), color) == direction
 
 
 
@@ -301,9 +301,9 @@ def test_synthetic_fixed_background():
 
 def test_single_frame_first_frame():
   cfg = ClipConfig(sample_size=32, single_frame=True, first_frame=True)
-  assert all(pipeline.frame_indices(cfg, 16, u).tolist() == [0] for u in (0.0, 0.5, 0.99))
+  assert all(loader.frame_indices(cfg, 16, u).tolist() == [0] for u in (0.0, 0.5, 0.99))
   rand = ClipConfig(sample_size=32, single_frame=True)
-  assert pipeline.frame_indices(rand, 16, 0.99).tolist() == [15]
+  assert loader.frame_indices(rand, 16, 0.99).tolist() == [15]
 
 
 @pytest.mark.parametrize("direction", synthetic.DIRECTIONS)
@@ -378,3 +378,74 @@ def test_trail_direction_reads_single_frames():
     assert synthetic.trail_direction(frame) == src.params(i).direction
   # An empty frame has no heading.
   assert synthetic.trail_direction(np.full((64, 64, 3), 40, np.uint8)) is None
+
+
+# -- clip coherence (motion evaluation) --------------------------------------------------------
+
+def test_clip_coherence_accepts_rendered_clips():
+  # Flat grey 40 (48 clips, every direction) and the default random dark / light / textured
+  # backgrounds (24 clips).
+  for src in (synthetic.SyntheticMotionSource(48, frames=16, size=64, seed=11, background=40),
+              synthetic.SyntheticMotionSource(24, frames=16, size=64, seed=12)):
+    seen = set()
+    for i in range(len(src)):
+      p, video = src.params(i), src[i]["video"]
+      for frames in (video, video / np.float32(127.5) - 1):        # uint8 and model range
+        r = synthetic.clip_coherence(frames)
+        assert r["coherent"] and r["reason"] == "", (i, p, r)
+        assert r["present"] == 16 and r["direction"] == p.direction, (i, p, r)
+        # The saturated mask's centroid shifts a little with the sub-pixel position (~1 px).
+        travel = p.centers(16)[-1] - p.centers(16)[0]
+        np.testing.assert_allclose(r["displacement"], travel, atol=0.1 * np.abs(travel).max())
+      seen.add(p.direction)
+    assert seen == set(synthetic.DIRECTIONS)
+
+
+def _coherence_clip(**kw):
+  # A red circle on flat grey 40 moving right 2 px/frame along y=20 (x 10..40).
+  p = synthetic.ClipParams(**{**dict(color="red", shape="circle", direction="right", x0=10.0, y0=20.0,
+                                     radius=6.0, speed=2.0, background=40), **kw})
+  return p, synthetic.render_clip(p, frames=16, size=64)
+
+
+def test_clip_coherence_rejects_incoherent_clips():
+  p, clip = _coherence_clip()
+  check = lambda frames: synthetic.clip_coherence(frames)
+  assert check(clip)["coherent"] and check(clip)["direction"] == "right"
+
+  # Frames shuffled in time: the path goes back and forth.
+  shuffled = clip[np.random.default_rng(0).permutation(16)]
+  assert check(shuffled)["reason"].startswith("not monotone"), check(shuffled)
+  # The object vanishes for 4 frames: present in 12 < 14.
+  vanish = clip.copy()
+  vanish[6:10] = 40
+  r = check(vanish)
+  assert r["reason"].startswith("object missing") and r["present"] == 12, r
+  # ... which is accepted when 12 frames suffice: the 10 px step over the gap is 2 px per frame.
+  assert synthetic.clip_coherence(vanish, min_present=12)["coherent"]
+  # Teleporting halfway, forward (so the path stays monotone): one 22 px step.
+  _, ahead = _coherence_clip(x0=30.0)
+  teleport = np.concatenate([clip[:8], ahead[8:]])
+  assert check(teleport)["reason"].startswith("jump"), check(teleport)
+  # Two objects at once: a blue square moving left lower down, copied into every frame.
+  _, other = _coherence_clip(color="blue", shape="square", direction="left", x0=50.0, y0=48.0)
+  two = np.where(synthetic.object_mask(other.reshape(-1, 64, 3)).reshape(16, 64, 64, 1), other, clip)
+  r = check(two)
+  assert r["reason"].startswith("several objects") and r["present"] == 16, r
+  # A static object.
+  _, static = _coherence_clip(speed=0.0, x0=32.0)
+  r = check(static)
+  assert r["reason"].startswith("no displacement") and r["direction"] is None, r
+  # The size doubles / halves between frames (same path): area ratio 4.
+  _, big = _coherence_clip(radius=12.0, y0=32.0)
+  _, small = _coherence_clip(y0=32.0)
+  pulsing = small.copy()
+  pulsing[::2] = big[::2]
+  assert check(pulsing)["reason"].startswith("size unstable"), check(pulsing)
+  # Pure noise: saturated everywhere, never an object-sized region.
+  noise = np.random.default_rng(1).uniform(-1, 1, (16, 64, 64, 3)).astype(np.float32)
+  r = check(noise)
+  assert r["reason"].startswith("object missing") and not r["coherent"] and r["present"] == 0, r
+  # Every rejection is incoherent.
+  for frames in (shuffled, vanish, teleport, two, static, pulsing):
+    assert not check(frames)["coherent"]

@@ -7,7 +7,8 @@ from diffusers import (AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, Motion
 from transformers import CLIPTextConfig as HFCLIPConfig, CLIPTextModel as HFCLIP
 from transformers import CLIPTokenizer as HFTokenizer
 
-from adiff_jax.pipeline import ModelConfig, Pipeline, SamplingConfig
+from adiff_jax.model import ModelConfig
+from adiff_jax.sampling import Pipeline, SamplingConfig
 from adiff_jax.schedulers import ddim_tables, NoiseSchedule
 from adiff_jax.tokenizer import CLIPTokenizer
 from torch_ref import (clip_params_from_transformers, patch_motion_norms_per_frame, randomize_,
@@ -109,8 +110,9 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, numpy as np
-from adiff_jax.builtin import random_params
-from adiff_jax.pipeline import ModelConfig, Pipeline, SamplingConfig
+from adiff_jax.model import random_params
+from adiff_jax.model import ModelConfig
+from adiff_jax.sampling import Pipeline, SamplingConfig
 from adiff_jax.sharding import make_mesh
 cfg = ModelConfig.tiny()
 params = random_params(cfg, seed=0)

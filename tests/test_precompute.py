@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from adiff_jax.data.precompute import PrecomputedSource, precompute, sampled_clips
+from adiff_jax.train.precompute import PrecomputedSource, precompute, sampled_clips
 from adiff_jax.tokenizer import CLIPTokenizer
 from adiff_jax.train import state as S
 from adiff_jax.train.config import load_config

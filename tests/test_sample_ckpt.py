@@ -12,7 +12,8 @@ from transformers import CLIPTextConfig as HFConfig, CLIPTextModel as HFCLIP
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sample  # noqa: E402
-from adiff_jax.pipeline import ModelConfig  # noqa: E402
+from adiff_jax.errors import InputError  # noqa: E402
+from adiff_jax.model import ModelConfig  # noqa: E402
 from adiff_jax.tokenizer import CLIPTokenizer  # noqa: E402
 from torch_ref import (clip_params_from_transformers, randomize_, unet_params_from_diffusers,  # noqa: E402
                        vae_params_from_diffusers)
@@ -71,7 +72,7 @@ def test_pytorch_files_convert_on_the_fly_cache_and_match(torch_files, tmp_path,
 
 def test_missing_motion_module_and_partial_model_errors(torch_files, tmp_path):
   base, adapter, _ = torch_files
-  with pytest.raises(SystemExit, match="no motion module"):
+  with pytest.raises(InputError, match="no motion module"):
     sample.main(["--ckpt", base, "--cache-dir", str(tmp_path), "--frames", "4"])
-  with pytest.raises(SystemExit, match="need --ckpt"):
+  with pytest.raises(InputError, match="need --ckpt"):
     sample.main(["--motion-module", adapter])

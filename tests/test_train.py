@@ -17,6 +17,10 @@ import jax
 import numpy as np
 import pytest
 
+from adiff_jax import model_dir
+from convert_weights.convert import export_stage
+from adiff_jax.motion_module import is_motion_module
+from adiff_jax.params import flatten
 from adiff_jax.train import state as S
 from adiff_jax.train.config import load_config
 from adiff_jax.train.loop import NonFiniteLoss, Trainer
@@ -113,7 +117,7 @@ def _collect(procs, timeout=600):
 def straight(tmp_path_factory, background):
   """The reference: STEPS steps on one device, checkpoints every 2 steps, exported at the end."""
   out = tmp_path_factory.mktemp("straight")
-  tr = Trainer(config(out, "export.at_end=true"))
+  tr = Trainer(config(out, "export.at_end=true"), export_files=export_stage)   # as train.py
   initial = jax.tree.map(np.array, tr.frozen_host)
   hist = tr.run()
   yield tr, hist, initial, out
@@ -125,33 +129,32 @@ def test_frozen_params_bit_identical(straight):
   assert len(hist) == STEPS and all(h["finite"] for h in hist)
   fresh = S.model_tree(tr.cfg, S.load_base(tr.cfg))    # the same random init, made again
   _, fresh_frozen = S.split_model(tr.cfg, fresh)
-  trained = S.flat(tr.trained_tree())
-  for path, v in S.flat(fresh_frozen).items():
+  trained = flatten(tr.trained_tree())
+  for path, v in flatten(fresh_frozen).items():
     assert np.array_equal(np.asarray(trained[path]), v), path     # bitwise
-  for path, v in S.flat(jax.tree.map(np.asarray, tr.frozen)).items():
-    assert np.array_equal(v, S.flat(initial)[path]), path
+  for path, v in flatten(jax.tree.map(np.asarray, tr.frozen)).items():
+    assert np.array_equal(v, flatten(initial)[path]), path
   # Trainable leaves are exactly the motion modules, and they moved.
-  mm = {k: v for k, v in S.flat(fresh).items() if "motion_modules_" in k}
-  assert set(S.flat(tr.state["params"])) == set(mm)
+  mm = {k: v for k, v in flatten(fresh).items() if is_motion_module(k)}
+  assert set(flatten(tr.state["params"])) == set(mm)
   assert any(not np.array_equal(trained[k], v) for k, v in mm.items())
   # The exported model dir: base bit-identical, motion module = trained.
-  from convert_weights import orbax_io
-  items, meta = orbax_io.load_model_dir(str(out / "export" / "model"))
-  for k, v in S.flat(items["unet"]).items():
-    assert np.array_equal(v, S.flat(fresh)["unet/" + k]), k
-  for k, v in S.flat(items["motion_module"]).items():
+  items, meta = model_dir.load_items(str(out / "export" / "model"))
+  for k, v in flatten(items["unet"]).items():
+    assert np.array_equal(v, flatten(fresh)["unet/" + k]), k
+  for k, v in flatten(items["motion_module"]).items():
     assert np.array_equal(v, trained["unet/" + k]), k
   assert os.path.isfile(out / "export" / "motion_module.safetensors")
-  assert orbax_io.motion_config_from_meta(meta) == tr.base.config.motion
+  assert model_dir.config_of(meta, "motion_module") == tr.base.config.motion
 
 
 def test_exported_motion_module_round_trips(straight):
-  from convert_weights import motion
+  from convert_weights import motion_module_files as motion
   tr, _, _, out = straight
   tree, cfg, _ = motion.load_motion_module(str(out / "export" / "motion_module.safetensors"),
                                            num_heads=2, norm_groups=8)
-  trained = S.flat(tr.trained_tree())
-  for k, v in S.flat(tree).items():
+  trained = flatten(tr.trained_tree())
+  for k, v in flatten(tree).items():
     np.testing.assert_array_equal(v, trained["unet/" + k])
 
 
@@ -270,22 +273,23 @@ def test_lora_stages_train_only_lora(stage, straight, tmp_path):
   # projection, which would give a MotionLoRA zero gradients), loaded from its model dir.
   base = straight[3] / "export" / "model"
   tr = Trainer(config(tmp_path, f"stage={stage}", "lora_rank=4", "lora_alpha=0.5", "steps=2",
-                      "checkpoint.every=0", "export.at_end=true", f"model={base}"))
+                      "checkpoint.every=0", "export.at_end=true", f"model={base}"),
+               export_files=export_stage)
   initial = jax.tree.map(np.array, tr.frozen_host)
   tr.run()
-  trained = S.flat(tr.trained_tree())
-  trainable = set(S.flat(tr.state["params"]))
+  trained = flatten(tr.trained_tree())
+  trainable = set(flatten(tr.state["params"]))
   assert trainable and all(k.startswith("lora/") and k.endswith(("/down", "/up")) for k in trainable)
   filt = S.LORA_STAGES[stage]
   assert all(filt(k[len("lora/"):].rsplit("/", 1)[0]) for k in trainable)
-  for k, v in S.flat(initial).items():          # everything else, LoRA scales included
+  for k, v in flatten(initial).items():          # everything else, LoRA scales included
     assert np.array_equal(trained[k], v), k
   assert all(np.abs(v).max() > 0 for k, v in trained.items() if k.endswith("/up"))  # moved off 0
   if stage == "domain_adapter":
     assert not any("motion_modules_" in k for k in trained)   # the plain image UNet, on frames
   # Exported in the original processor-LoRA format; reads back to the trained weights.
   path = tmp_path / "export" / f"{stage}.safetensors"
-  loaded = S.flat(lora_files.load_motion_lora(str(path), alpha=0.5) if stage == "motion_lora"
+  loaded = flatten(lora_files.load_motion_lora(str(path), alpha=0.5) if stage == "motion_lora"
                   else lora_files.load_domain_adapter(str(path), 0.5))
   for k, v in loaded.items():
     np.testing.assert_allclose(v, trained["lora/" + k], rtol=0, atol=0)

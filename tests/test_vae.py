@@ -7,7 +7,7 @@ import torch
 
 from adiff_jax.vae import (AutoencoderKL, DiagonalGaussian, VAEConfig, decode_video, encode_video,
                            scale_latents, unscale_latents)
-from convert_weights.base import tree_from_diffusers
+from convert_weights.sd_base import tree_from_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -159,7 +159,7 @@ def test_errors(tiny):
 def test_bf16_compute_f32_params(tiny):
   # Compute dtype is separate from parameter dtype: f32 params, bf16 activations.
   model, params = tiny
-  m16 = AutoencoderKL(VAEConfig.tiny(dtype=jnp.bfloat16))
+  m16 = AutoencoderKL(VAEConfig.tiny(), dtype=jnp.bfloat16)
   x = jax.random.uniform(jax.random.key(0), (1, 8, 8, 3), minval=-1, maxval=1)
   p16, p32 = _encode(m16, params, x), _encode(model, params, x)
   assert p16.mean.dtype == jnp.bfloat16

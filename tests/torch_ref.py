@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from convert_weights.motion_module import diffusers_to_official, is_pe_buffer
+from convert_weights.motion_module_keys import diffusers_to_official, is_pe_buffer
 from convert_weights.tree import state_dict_to_tree
 
 

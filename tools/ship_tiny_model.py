@@ -1,10 +1,11 @@
 """Packs a trained tiny model as the built-in one (adiff_jax/assets/tiny_model): fp16 weights
-plus TRAINING.md, which records the commands, configs and per-stage figures of the run.
+plus TRAINING.md, which records the command, configs, commit and per-stage figures of the run.
 
-  python tools/ship_tiny_model.py --runs runs            # after the three README commands
+  python tools/ship_tiny_model.py --runs runs      # after tools/train_tiny_chain.py --no-ship
 
-Reads <runs>/tiny_vae, <runs>/tiny_image and <runs>/tiny (each with metrics.jsonl), ships
-<runs>/tiny/export/model. The output directory is replaced atomically.
+Reads the chain's run dirs (tiny_vae, tiny_image, tiny, tiny_lora_<direction>, each with
+metrics.jsonl) and ships <runs>/tiny/export/model (base + motion module) with the four
+MotionLoRAs under motion_loras/<direction>. The output directory is replaced atomically.
 """
 from __future__ import annotations
 
@@ -18,14 +19,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from adiff_jax.builtin import TRAINED_DIR  # noqa: E402
-from convert_weights import orbax_io  # noqa: E402
-from convert_weights.pipeline import cast_tree  # noqa: E402
+from adiff_jax import model_dir  # noqa: E402
+from adiff_jax.builtin import MOTION_LORAS, TRAINED_DIR  # noqa: E402
+from adiff_jax.params import cast_tree  # noqa: E402
 
 STAGES = [("tiny_vae", "configs/training/tiny_vae.yaml", "the tiny VAE as an autoencoder"),
           ("tiny_image", "configs/training/tiny_image.yaml",
            "the image model (\"personalised T2I\"): UNet + text encoder on single frames"),
           ("tiny", "configs/training/tiny.yaml", "the motion module on 16-frame clips, base frozen")]
+STAGES += [(f"tiny_lora_{d}", "configs/training/tiny_motion_lora.yaml",
+            f"MotionLoRA `{d}`: clips moving {d} only, base and motion module frozen")
+           for d in MOTION_LORAS]
 
 
 def stage_summary(run_dir: str) -> dict:
@@ -40,43 +44,54 @@ def stage_summary(run_dir: str) -> dict:
           "loss": sum(r["loss"] for r in steps[-4:]) / len(steps[-4:])}
 
 
+def training_md(runs: str, commit: str) -> str:
+  lines = ["# The built-in tiny model", "",
+           "Trained from scratch by `train.py` on the built-in synthetic moving-shapes dataset on "
+           f"2 CPU cores by `python tools/train_tiny_chain.py` at commit {commit}, then packed by "
+           "`tools/ship_tiny_model.py` (weights cast to fp16; LoRA scales kept in f32).", "",
+           "| stage | config | what it trains | steps | minutes | final loss |", "|---|---|---|---|---|---|"]
+  total = 0.0
+  for name, cfg, what in STAGES:
+    s = stage_summary(os.path.join(runs, name))
+    total += s["minutes"]
+    lines.append(f"| {name} | `{cfg}` | {what} | {s['steps']} | {s['minutes']:.1f} | {s['loss']:.4f} |")
+  lines += ["", f"Total: {total:.0f} minutes. Figures: `python bench/motion_eval.py` (bench/RESULTS.md).", ""]
+  return "\n".join(lines)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--runs", default="runs", help="folder holding tiny_vae/, tiny_image/, tiny/")
+  ap.add_argument("--runs", default="runs", help="folder holding the chain's run dirs")
   ap.add_argument("--out", default=TRAINED_DIR)
+  ap.add_argument("--commit", help="commit that trained the model (default: HEAD)")
   args = ap.parse_args()
 
   src = os.path.join(args.runs, "tiny", "export", "model")
-  items, meta = orbax_io.load_model_dir(src)
+  items, meta = model_dir.load_items(src)
   items = {k: cast_tree(v, "fp16") for k, v in items.items()}
   meta = dict(meta, dtype="fp16")
   meta.pop("items", None)
   meta.setdefault("training", {})["base"] = "tiny_image (see TRAINING.md)"
-
-  commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "unknown"
-  lines = ["# The built-in tiny model", "",
-           "Trained from scratch by `train.py` on the built-in synthetic moving-shapes dataset "
-           f"on 2 CPU cores, then packed by `tools/ship_tiny_model.py` at commit {commit} "
-           "(weights cast to fp16).", "", "```bash"]
-  lines += [f"python train.py --config {cfg}" for _, cfg, _ in STAGES[:2]]
-  lines.append(f"python train.py --config {STAGES[2][1]} model=runs/tiny_image/export/model")
-  lines += ["python tools/ship_tiny_model.py", "python bench/motion_eval.py   # figures in bench/RESULTS.md",
-            "```", "", "| stage | config | what it trains | steps | minutes | final loss |", "|---|---|---|---|---|---|"]
-  for name, cfg, what in STAGES:
-    s = stage_summary(os.path.join(args.runs, name))
-    lines.append(f"| {name} | `{cfg}` | {what} | {s['steps']} | {s['minutes']:.1f} | {s['loss']:.4f} |")
-  lines.append("")
+  commit = args.commit or subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                                         capture_output=True, text=True).stdout.strip() or "unknown"
 
   out = os.path.abspath(args.out)
   tmp = out + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
-  orbax_io.save_model_dir(tmp, items, meta)
+  model_dir.save(tmp, items, meta)
+  for d in MOTION_LORAS:
+    lora_src = os.path.join(args.runs, f"tiny_lora_{d}", "export", "model")
+    trees, lmeta = model_dir.load_items(lora_src, ["motion_lora_0"])
+    model_dir.save(os.path.join(tmp, "motion_loras", d),
+                   {"motion_lora_0": cast_tree(trees["motion_lora_0"], "fp16", skip_leaf=("scale",))},
+                   {"dtype": "fp16", "motion_loras": lmeta.get("motion_loras", []),
+                    "versions": {"motion_lora": f"built-in MotionLoRA {d}"},
+                    "training": lmeta.get("training", {})})
   with open(os.path.join(tmp, "TRAINING.md"), "w") as f:
-    f.write("\n".join(lines))
+    f.write(training_md(args.runs, commit))
   shutil.rmtree(out, ignore_errors=True)
   os.replace(tmp, out)
-  print(f"shipped {src} -> {out}")
+  print(f"shipped {src} (+ MotionLoRAs {', '.join(MOTION_LORAS)}) -> {out}")
 
 
 if __name__ == "__main__":

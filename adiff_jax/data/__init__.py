@@ -2,7 +2,7 @@
 
 `adiff_jax.data.tfds_video` is not imported here: it pulls in tensorflow_datasets.
 """
-from adiff_jax.data.pipeline import (
+from adiff_jax.data.loader import (
     ClipConfig, ClipTransform, clip_indices, collate, frame_indices, make_train_loader,
     resize_center_crop, shard_dataset, to_model_range)
 from adiff_jax.data.synthetic import (

@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image
+from adiff_jax.errors import InputError
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -87,14 +88,14 @@ def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarra
     s = np.float32(np.sqrt(3.0) / 2)
     d = np.maximum(np.maximum(dy, -s * dx - 0.5 * dy), s * dx - 0.5 * dy) - 0.5 * r
   else:
-    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    raise InputError(f"unknown shape {shape!r}; expected one of {SHAPES}")
   return np.clip(0.5 - d, 0.0, 1.0)
 
 
 def render_clip(p: ClipParams, *, frames: int, size: int) -> np.ndarray:
   """Renders uint8 (frames, size, size, 3); pixel (row y, column x) has centre (x, y)."""
   if p.color not in COLORS:
-    raise ValueError(f"unknown color {p.color!r}; expected one of {tuple(COLORS)}")
+    raise InputError(f"unknown color {p.color!r}; expected one of {tuple(COLORS)}")
   c = p.centers(frames)
   grid = np.arange(size, dtype=np.float32)
   dx = grid[None, None, :] - c[:, 0, None, None]
@@ -126,7 +127,7 @@ def sample_params(rng: np.random.Generator, *, frames: int, size: int,
   directions drawn from (e.g. ("left",) for a one-direction MotionLoRA dataset)."""
   fixed = background
   if fixed is not None and not 0 <= fixed <= 255:
-    raise ValueError(f"background must be a grey level in 0..255, got {fixed}")
+    raise InputError(f"background must be a grey level in 0..255, got {fixed}")
   check_directions(directions)
   color = str(rng.choice(list(COLORS)))
   shape = str(rng.choice(SHAPES))
@@ -156,7 +157,7 @@ def sample_params(rng: np.random.Generator, *, frames: int, size: int,
 def check_directions(directions) -> None:
   bad = [d for d in directions if d not in DIRECTIONS]
   if not directions or bad:
-    raise ValueError(f"synthetic directions must be a non-empty subset of {list(DIRECTIONS)}, "
+    raise InputError(f"synthetic directions must be a non-empty subset of {list(DIRECTIONS)}, "
                      f"got {list(directions)}")
 
 
@@ -295,9 +296,14 @@ def motion_displacement(frames: np.ndarray, color: Optional[str] = None, **kw) -
       pts.append(c)
   if len(t) < 2:
     return None
-  t = np.asarray(t, np.float32)
-  slope = np.polyfit(t, np.stack(pts), 1)[0]     # (2,) pixels per frame
-  return slope * np.float32(len(frames) - 1)
+  return _fit_displacement(t, pts, len(frames))
+
+
+def _fit_displacement(t, pts, frames: int) -> np.ndarray:
+  """First-to-last-frame (dx, dy) of a least-squares line through centroids `pts` (x, y) found at
+  frame indices `t`, over a clip of `frames` frames."""
+  slope = np.polyfit(np.asarray(t, np.float32), np.stack(pts), 1)[0]     # (2,) pixels per frame
+  return slope * np.float32(frames - 1)
 
 
 def motion_direction(frames: np.ndarray, color: Optional[str] = None, *, min_displacement: float = 2.0,
@@ -307,3 +313,98 @@ def motion_direction(frames: np.ndarray, color: Optional[str] = None, *, min_dis
   if d is None or float(np.abs(d).max()) < min_displacement:
     return None
   return _dominant_direction(float(d[0]), float(d[1]))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+  """(H, W) bool mask of the largest 4-connected region of `mask` (all False when it is empty)."""
+  # scipy is not a dependency: label by propagation instead. Each mask pixel starts with its own
+  # flat index; every pass takes the smallest label among itself and its 4 neighbours, then jumps
+  # to its label's label (still a pixel of the same region, so it stays valid and converges fast).
+  h, w = mask.shape
+  none = h * w
+  lab = np.where(mask, np.arange(none).reshape(h, w), none)
+  while True:
+    p = np.pad(lab, 1, constant_values=none)
+    new = np.minimum.reduce([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+    new = np.where(mask, new, none)
+    new[mask] = new.flat[new[mask]]
+    if np.array_equal(new, lab):
+      break
+    lab = new
+  if not mask.any():
+    return mask
+  return lab == np.bincount(lab[mask]).argmax()
+
+
+def clip_coherence(frames: np.ndarray, *, min_present: int = 14, min_pixels: int = 12,
+                   max_fraction: float = 0.25, min_share: float = 0.8, max_area_ratio: float = 2.0,
+                   min_monotone: float = 0.8, step_tolerance: float = 0.5, min_travel: float = 0.15,
+                   jump_factor: float = 4.0, max_step: float = 0.15, **kw) -> dict:
+  """Whether a (generated) clip shows one object moving steadily one way, tracked colour-blind.
+
+  clip_coherence(frames, *, min_present=14, min_pixels=12, max_fraction=0.25, min_share=0.8,
+                 max_area_ratio=2.0, min_monotone=0.8, step_tolerance=0.5, min_travel=0.15,
+                 jump_factor=4.0, max_step=0.15, **kw) -> dict
+  frames: (F, H, W, 3) uint8, or floats in model range [-1, 1]; `kw` goes to `object_mask`.
+
+  Per frame, the object is the largest 4-connected region of `object_mask(frame)` (saturation).
+  A frame is *present* when that region has `min_pixels`..`max_fraction` of the frame, and shows
+  *one object* when the region also holds >= `min_share` of the saturated pixels. Coherent when
+  (checked in this order; `reason` names the first that fails, "" when coherent):
+  - "object missing": fewer than `min_present` frames (default for F=16) are present;
+  - "several objects": fewer than `min_present` frames show one object;
+  - "size unstable": object area max / min over those frames > `max_area_ratio`;
+  - "not monotone": fewer than `min_monotone` of the steps between them along the dominant axis
+    go the way of the overall displacement (steps within +-`step_tolerance` px are fine);
+  - "no displacement": |dominant-axis displacement| < `min_travel` frame sizes (rendered clips
+    travel 0.3-0.5);
+  - "jump": a per-frame step longer than `jump_factor` x the median and `max_step` frame sizes.
+  "Frame size" is the frame's extent along the dominant axis.
+
+  Returns {"coherent": bool, "present": int, "direction": str or None (None without a clear
+  displacement), "displacement": (dx, dy) first to last frame from a line fit through the
+  one-object frames' centroids (pixels; None when not fitted), "reason": str}.
+  """
+  frames = np.asarray(frames)
+  present, t, pts, areas = 0, [], [], []
+  for i, frame in enumerate(frames):
+    mask = object_mask(frame, **kw)
+    comp = _largest_component(mask)
+    n = int(comp.sum())
+    if not min_pixels <= n <= max_fraction * mask.size:
+      continue                       # nothing, a speck, or saturated noise everywhere
+    present += 1
+    if n < min_share * mask.sum():
+      continue                       # a second object (or clutter): the centroid would be ambiguous
+    ys, xs = np.nonzero(comp)
+    t.append(i)
+    pts.append(np.array([xs.mean(), ys.mean()], np.float32))
+    areas.append(n)
+  out = {"coherent": False, "present": present, "direction": None, "displacement": None}
+  if present < min_present:
+    return {**out, "reason": f"object missing ({present}/{len(frames)} frames present)"}
+  if len(t) < max(min_present, 2):
+    return {**out, "reason": f"several objects (one object in {len(t)}/{len(frames)} frames)"}
+  d = _fit_displacement(t, pts, len(frames))
+  axis = int(abs(d[1]) > abs(d[0]))            # 0: x, 1: y (ties go to x, as in _dominant_direction)
+  size = frames.shape[2 - axis]                # W for x, H for y
+  out["displacement"] = (float(d[0]), float(d[1]))
+  clear = abs(float(d[axis])) >= min_travel * size
+  if clear:
+    out["direction"] = _dominant_direction(float(d[0]), float(d[1]))
+  # Steps between consecutive one-object frames, per frame of the gap they span: a step over a
+  # missing frame is not a jump.
+  steps = np.diff(np.stack(pts), axis=0) / np.diff(t)[:, None]
+  along = steps[:, axis] * np.sign(d[axis])    # > 0: the overall way
+  lengths = np.linalg.norm(steps, axis=1)
+  if max(areas) > max_area_ratio * min(areas):
+    reason = f"size unstable (area {min(areas)}..{max(areas)} px)"
+  elif np.mean(along >= -step_tolerance) < min_monotone:
+    reason = f"not monotone ({int(np.sum(along < -step_tolerance))}/{len(along)} steps back)"
+  elif not clear:
+    reason = f"no displacement ({abs(float(d[axis])):.1f} px)"
+  elif np.any((lengths > jump_factor * np.median(lengths)) & (lengths > max_step * size)):
+    reason = f"jump ({float(lengths.max()):.1f} px step, median {float(np.median(lengths)):.1f})"
+  else:
+    reason = ""
+  return {**out, "coherent": not reason, "reason": reason}

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from adiff_jax.data.pipeline import clip_indices, resize_center_crop
+from adiff_jax.data.loader import clip_indices, resize_center_crop
 from adiff_jax.data.webvid import VideoTooShort, WebVidSource, read_video_frames
 
 

@@ -12,6 +12,9 @@ from typing import Any, Optional
 
 import yaml
 
+from adiff_jax.config_io import from_dict, to_dict  # noqa: F401  (to_dict: part of this API)
+from adiff_jax.errors import InputError
+
 STAGES = ("motion_module", "domain_adapter", "motion_lora", "image", "vae")
 
 
@@ -23,7 +26,7 @@ class DataConfig:
   video_folder: Optional[str] = None   # webvid: folder of {videoid}.mp4
   use_page_dir: bool = False
   tfds_dir: Optional[str] = None       # tfds: ArrayRecord dataset folder
-  precomputed_dir: Optional[str] = None  # precomputed: output of `python -m adiff_jax.data.precompute`
+  precomputed_dir: Optional[str] = None  # precomputed: output of `python -m adiff_jax.train.precompute`
   num_examples: int = 10_000           # synthetic: dataset size
   synthetic_size: int = 64             # synthetic: rendered frame size
   synthetic_frames: int = 16           # synthetic: rendered clip length
@@ -62,7 +65,7 @@ class OptimConfig:
 
   def __post_init__(self):
     if self.schedule not in ("constant", "cosine"):
-      raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+      raise InputError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,92 +141,36 @@ class TrainConfig:
 
   def __post_init__(self):
     if self.stage not in STAGES:
-      raise ValueError(f"unknown stage {self.stage!r}; choose from {', '.join(STAGES)}")
+      raise InputError(f"unknown stage {self.stage!r}; choose from {', '.join(STAGES)}")
     if self.on_nonfinite not in ("skip", "stop"):
-      raise ValueError(f"on_nonfinite must be skip or stop, got {self.on_nonfinite!r}")
+      raise InputError(f"on_nonfinite must be skip or stop, got {self.on_nonfinite!r}")
     if self.dtype not in ("f32", "bf16"):
-      raise ValueError(f"dtype must be f32 or bf16, got {self.dtype!r}")
+      raise InputError(f"dtype must be f32 or bf16, got {self.dtype!r}")
     if self.export.format not in ("safetensors", "ckpt"):
-      raise ValueError(f"export.format must be safetensors or ckpt, got {self.export.format!r}")
+      raise InputError(f"export.format must be safetensors or ckpt, got {self.export.format!r}")
     if self.steps < 1 or self.batch_size < 1:
-      raise ValueError("steps and batch_size must be >= 1")
+      raise InputError("steps and batch_size must be >= 1")
     if self.loss_weighting not in ("none", "min_snr", "v"):
-      raise ValueError(f"loss_weighting must be none, min_snr or v, got {self.loss_weighting!r}")
+      raise InputError(f"loss_weighting must be none, min_snr or v, got {self.loss_weighting!r}")
     if self.loss_weighting == "min_snr" and self.snr_gamma <= 0:
-      raise ValueError(f"loss_weighting=min_snr needs snr_gamma > 0, got {self.snr_gamma}")
+      raise InputError(f"loss_weighting=min_snr needs snr_gamma > 0, got {self.snr_gamma}")
 
   @property
   def data_seed(self) -> int:
     return self.seed if self.data.seed is None else self.data.seed
 
 
-def _hints(cls) -> dict:
-  return typing.get_type_hints(cls)
-
-
-def from_dict(cls, d: dict, where: str = ""):
-  """Nested dict -> dataclass `cls`; nested dataclass fields recurse, lists become tuples."""
-  if not isinstance(d, dict):
-    raise ValueError(f"{where or 'config'}: expected a mapping, got {type(d).__name__}")
-  hints = _hints(cls)
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - names)
-  if unknown:
-    raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-                     f"valid: {', '.join(sorted(names))}")
-  kw = {}
-  for k, v in d.items():
-    t = hints[k]
-    if dataclasses.is_dataclass(t):
-      kw[k] = from_dict(t, v or {}, f"{where}{k}.")
-    else:
-      kw[k] = _coerce(t, v, where + k)
-  return cls(**kw)
-
-
-def _coerce(t, v, name: str):
-  """YAML reads `1e-4` as a string (YAML 1.1) and lists as lists: fix to the field's type."""
-  args = [a for a in typing.get_args(t) if a is not type(None)]
-  if v is None:
-    return v
-  if typing.get_origin(t) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-    t = args[0]
-  if isinstance(v, list):
-    return tuple(v)
-  try:
-    if t is float and isinstance(v, (str, int)) and not isinstance(v, bool):
-      return float(v)
-    if t is int and isinstance(v, str):
-      return int(v)
-  except ValueError:
-    raise ValueError(f"{name}: cannot read {v!r} as {t.__name__}") from None
-  return v
-
-
-def to_dict(cfg) -> dict:
-  """Dataclass -> plain JSON/YAML-able dict (tuples -> lists)."""
-  def conv(v):
-    if dataclasses.is_dataclass(v):
-      return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, (tuple, list)):
-      return [conv(x) for x in v]
-    if isinstance(v, dict):
-      return {k: conv(x) for k, x in v.items()}
-    return v
-  return conv(cfg)
-
-
 def apply_override(d: dict, item: str) -> None:
   """'a.b.c=value' into the nested dict d; the value is parsed as YAML (numbers, lists, null)."""
   if "=" not in item:
-    raise ValueError(f"override {item!r} is not key=value")
+    raise InputError(f"override {item!r} is not key=value")
   key, value = item.split("=", 1)
   parts = key.strip().split(".")
   node = d
   for p in parts[:-1]:
     node = node.setdefault(p, {})
     if not isinstance(node, dict):
-      raise ValueError(f"override {item!r}: {p} is not a section")
+      raise InputError(f"override {item!r}: {p} is not a section")
   node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
 
 
@@ -231,8 +178,11 @@ def load_config(path: Optional[str] = None, overrides: typing.Sequence[str] = ()
   """YAML file (optional) + `key=value` overrides -> TrainConfig."""
   d: dict[str, Any] = {}
   if path:
-    with open(path) as f:
-      d = yaml.safe_load(f) or {}
+    try:
+      with open(path) as f:
+        d = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+      raise InputError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
   for item in overrides:
     apply_override(d, item)
-  return from_dict(TrainConfig, d)
+  return from_dict(TrainConfig, d, where=path or "config")

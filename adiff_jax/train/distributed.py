@@ -11,6 +11,7 @@ from typing import Optional
 
 import jax
 import numpy as np
+from adiff_jax.errors import InputError
 
 
 def on_tpu_vm() -> bool:
@@ -27,7 +28,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
-      raise ValueError("multi-process training needs all of --coordinator-address, "
+      raise InputError("multi-process training needs all of --coordinator-address, "
                        "--num-processes and --process-id")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=int(num_processes), process_id=int(process_id))

@@ -15,6 +15,7 @@ from adiff_jax.data import ClipConfig, SyntheticMotionSource, WebVidSource, make
 from adiff_jax.tokenizer import CLIPTokenizer
 from adiff_jax.train.config import DataConfig, TrainConfig
 from adiff_jax.train.state import IMAGE_STAGES
+from adiff_jax.errors import InputError
 
 
 # Per-example arrays a host batch may carry: pixels, or pre-encoded latents (+ text embeddings).
@@ -30,31 +31,31 @@ def make_source(data: DataConfig):
                                  directions=data.synthetic_directions)
   if data.source == "webvid":
     if not data.csv_path or not data.video_folder:
-      raise ValueError("data.source=webvid needs data.csv_path and data.video_folder")
+      raise InputError("data.source=webvid needs data.csv_path and data.video_folder")
     return WebVidSource(data.csv_path, data.video_folder, use_page_dir=data.use_page_dir)
   if data.source == "tfds":
     if not data.tfds_dir:
-      raise ValueError("data.source=tfds needs data.tfds_dir")
+      raise InputError("data.source=tfds needs data.tfds_dir")
     from adiff_jax.data import tfds_video
     return tfds_video.TfdsVideoSource(data.tfds_dir)
   if data.source == "precomputed":
     if not data.precomputed_dir:
-      raise ValueError("data.source=precomputed needs data.precomputed_dir")
-    from adiff_jax.data.precompute import PrecomputedSource
+      raise InputError("data.source=precomputed needs data.precomputed_dir")
+    from adiff_jax.data.precomputed import PrecomputedSource
     return PrecomputedSource(data.precomputed_dir)
-  raise ValueError(f"unknown data.source {data.source!r}; choose synthetic, webvid, tfds or "
+  raise InputError(f"unknown data.source {data.source!r}; choose synthetic, webvid, tfds or "
                    "precomputed")
 
 
 def check_precomputed(cfg: TrainConfig, source) -> None:
   """Pre-encoded clips must have the shape this run would sample (frames, size)."""
   if cfg.stage == "vae":
-    raise ValueError("the vae stage trains the VAE on pixels: it cannot use precomputed latents")
+    raise InputError("the vae stage trains the VAE on pixels: it cannot use precomputed latents")
   m, clip = source.manifest, clip_config(cfg)
   want = {"num_frames": clip.num_frames, "sample_size": list(clip.size_hw)}
   have = {k: m[k] for k in want}
   if have != want:
-    raise ValueError(f"{source.directory} holds clips with {have}, this run samples {want}; "
+    raise InputError(f"{source.directory} holds clips with {have}, this run samples {want}; "
                      "precompute again with this config")
 
 
@@ -79,10 +80,10 @@ class HostBatches:
     d = cfg.data
     self.num_shards = d.num_shards or process_count
     if self.num_shards % process_count:
-      raise ValueError(f"data.num_shards={self.num_shards} must be a multiple of the "
+      raise InputError(f"data.num_shards={self.num_shards} must be a multiple of the "
                        f"{process_count} processes")
     if global_batch % self.num_shards:
-      raise ValueError(f"global batch {global_batch} is not divisible by data.num_shards="
+      raise InputError(f"global batch {global_batch} is not divisible by data.num_shards="
                        f"{self.num_shards}")
     per = self.num_shards // process_count
     self.shards = list(range(process_index * per, (process_index + 1) * per))
@@ -117,7 +118,7 @@ class HostBatches:
   def set_state(self, states: dict) -> None:
     for s, it in self.iters.items():
       if str(s) not in states:
-        raise ValueError(f"checkpoint has no data state for shard {s} (has {sorted(states)}); "
+        raise InputError(f"checkpoint has no data state for shard {s} (has {sorted(states)}); "
                          "resume with the same data.num_shards")
       it.set_state(states[str(s)])
 

@@ -19,10 +19,12 @@ from adiff_jax.train import distributed, export as export_lib
 from adiff_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from adiff_jax.train.config import TrainConfig, to_dict
 from adiff_jax.train.inputs import HostBatches
-from adiff_jax.train.logging import MetricsLogger, compiled_flops, device_peak_flops, mfu
-from adiff_jax.train.state import (IMAGE_STAGES, batch_spec, init_state, load_base, merge,
+from adiff_jax.train.metrics_log import MetricsLogger, compiled_flops, device_peak_flops, mfu
+from adiff_jax.params import merge
+from adiff_jax.train.state import (IMAGE_STAGES, batch_spec, init_state, load_base,
                                    model_tree, split_model, state_shardings)
 from adiff_jax.train.step import make_spec, make_train_step
+from adiff_jax.errors import InputError
 
 Pytree = Any
 
@@ -45,8 +47,11 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 class Trainer:
-  def __init__(self, cfg: TrainConfig, *, source=None, log: bool = True):
+  def __init__(self, cfg: TrainConfig, *, source=None, log: bool = True, export_files=None):
+    """export_files: writes the stage's PyTorch files from the exported model dir
+    (train.py passes `convert_weights.convert.export_stage`; see train/export.py)."""
     self.cfg = cfg
+    self.export_files = export_files
     self.is_main = jax.process_index() == 0
     self.mesh = make_mesh(frames=cfg.mesh.frames)
     self.global_batch = cfg.batch_size * self.mesh.shape[DATA]
@@ -87,7 +92,7 @@ class Trainer:
     self.state = state
     self.batches.set_state(data["shards"])
     if saved_cfg.get("stage") != self.cfg.stage:
-      raise ValueError(f"checkpoint in {self.ckpt.directory} is from stage {saved_cfg.get('stage')}, "
+      raise InputError(f"checkpoint in {self.ckpt.directory} is from stage {saved_cfg.get('stage')}, "
                        f"not {self.cfg.stage}")
     self.logger.message(f"resumed from step {step} ({self.ckpt.directory})")
 
@@ -208,7 +213,7 @@ class Trainer:
     written = []
     if self.is_main:
       written = export_lib.export(self.cfg, self.base, tree, os.path.join(self.cfg.output_dir, "export"),
-                                  step, log=self.logger.message)
+                                  step, log=self.logger.message, export_files=self.export_files)
     distributed.sync("export")
     return written
 
@@ -233,7 +238,7 @@ class Trainer:
     tree = self.trained_tree()
     if not self.is_main:
       return None
-    from adiff_jax.pipeline import Pipeline, SamplingConfig
+    from adiff_jax.sampling import Pipeline, SamplingConfig
     from adiff_jax.video_io import grid, save_gif, to_uint8
     lora = tree.pop("lora", None)
     image = self.cfg.stage in IMAGE_STAGES

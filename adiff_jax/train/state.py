@@ -18,16 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from adiff_jax import lora as lora_lib
-from adiff_jax.motion_module import MotionModuleConfig
-from adiff_jax.params import random_like
-from adiff_jax.pipeline import ModelConfig
+from adiff_jax import lora as lora_lib, model_dir
+from adiff_jax.errors import InputError
+from adiff_jax.model import ModelConfig, new_motion_module, random_params
+from adiff_jax.motion_module import (MotionModuleConfig, is_motion_module, merge_motion_module,
+                                     split_motion_module)
+from adiff_jax.params import flatten, split
 from adiff_jax.sharding import DATA
 from adiff_jax.train.config import OptimConfig, TrainConfig
-from adiff_jax.unet import UNet3D, UNetConfig
 
 Pytree = Any
 
@@ -40,7 +40,7 @@ LORA_STAGES = {"motion_lora": lora_lib.motion_lora_filter,
 def trainable_filter(stage: str) -> Callable[[str], bool]:
   """Path predicate of the leaves a stage trains."""
   if stage == "motion_module":
-    return lambda p: p.startswith("unet/") and "motion_modules_" in p
+    return lambda p: p.startswith("unet/") and is_motion_module(p)
   if stage in LORA_STAGES:
     # A LoRA's per-rank `scale` carries its alpha: a constant, not a weight.
     return lambda p: p.startswith("lora/") and not p.endswith("/scale")
@@ -48,30 +48,7 @@ def trainable_filter(stage: str) -> Callable[[str], bool]:
     return lambda p: p.startswith(("unet/", "text_encoder/"))
   if stage == "vae":
     return lambda p: p.startswith("vae/")
-  raise ValueError(f"unknown stage {stage!r}")
-
-
-def flat(tree: Pytree) -> dict[str, Any]:
-  return traverse_util.flatten_dict(tree, sep="/") if tree else {}
-
-
-def unflat(d: dict[str, Any]) -> Pytree:
-  return traverse_util.unflatten_dict(d, sep="/")
-
-
-def split(tree: Pytree, where: Callable[[str], bool]) -> tuple[Pytree, Pytree]:
-  """(leaves where `where(path)`, the rest) as two nested dicts."""
-  yes, no = {}, {}
-  for k, v in flat(tree).items():
-    (yes if where(k) else no)[k] = v
-  return unflat(yes), unflat(no)
-
-
-def merge(*trees: Pytree) -> Pytree:
-  out = {}
-  for t in trees:
-    out.update(flat(t))
-  return unflat(out)
+  raise InputError(f"unknown stage {stage!r}")
 
 
 # ----------------------------------------------------------------------------- base model
@@ -83,7 +60,7 @@ def _replace(cfg, overrides: Optional[dict]):
   fields = {f.name: f for f in dataclasses.fields(cfg)}
   bad = sorted(set(overrides) - set(fields))
   if bad:
-    raise ValueError(f"{type(cfg).__name__} has no field(s) {bad}")
+    raise InputError(f"{type(cfg).__name__} has no field(s) {bad}")
   return dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v
                                      for k, v in overrides.items()})
 
@@ -91,13 +68,6 @@ def _replace(cfg, overrides: Optional[dict]):
 def motion_config(cfg: TrainConfig) -> MotionModuleConfig:
   return MotionModuleConfig.preset(cfg.motion_preset, **{
       k: tuple(v) if isinstance(v, list) else v for k, v in cfg.motion_overrides.items()})
-
-
-def unet_shapes(unet: UNetConfig, motion: Optional[MotionModuleConfig]) -> Pytree:
-  f = unet.downsample_factor
-  model = UNet3D(unet, motion)
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2, f, f, unet.in_channels)),
-                        jnp.zeros((1,)), jnp.zeros((1, 1, unet.cross_attention_dim)))["params"]
 
 
 @dataclasses.dataclass
@@ -111,16 +81,15 @@ class Base:
 
 def load_base(cfg: TrainConfig) -> Base:
   """Base weights for a stage: `model: tiny` (builtin random init, `model_overrides` applied)
-  or an Orbax model dir (convert_weights / a previous stage's export). Motion stages get a
-  fresh zero-output motion module when the base has none."""
+  or a model dir (convert_weights / a previous stage's export). Motion stages get a fresh
+  identity motion module when the base has none; image stages drop it."""
   image = cfg.stage in IMAGE_STAGES
   if cfg.model == "tiny":
-    from adiff_jax.builtin import random_params
     t = ModelConfig.tiny()
     ov = cfg.model_overrides
     bad = sorted(set(ov) - {"unet", "text_encoder", "vae"})
     if bad:
-      raise ValueError(f"model_overrides: unknown part(s) {bad}; use unet, text_encoder, vae")
+      raise InputError(f"model_overrides: unknown part(s) {bad}; use unet, text_encoder, vae")
     # The tiny motion module: v3 with 2 heads / 8 groups unless the config says otherwise.
     preset = t.motion if cfg.motion_preset == "v3" else MotionModuleConfig.preset(
         cfg.motion_preset, num_heads=2, norm_groups=8)
@@ -129,30 +98,16 @@ def load_base(cfg: TrainConfig) -> Base:
                      _replace(t.vae, ov.get("vae")))
     return Base(mc, random_params(mc, cfg.seed), {}, motion_is_new=motion is not None)
 
-  from convert_weights import orbax_io
-  items, meta = orbax_io.load_model_dir(cfg.model)
-  for need in ("unet", "text_encoder", "vae"):
-    if need not in items:
-      raise ValueError(f"{cfg.model}: no {need!r} item (has {sorted(items)}); training needs a full "
-                       "base model (python -m convert_weights to-orbax --base ...)")
-  unet_cfg = orbax_io.unet_config_from_meta(meta)
-  text_cfg = orbax_io.text_config_from_meta(meta)
-  vae_cfg = orbax_io.vae_config_from_meta(meta)
-  unet = {k: v for k, v in flat(items["unet"]).items() if "motion_modules_" not in k}
+  config, params, _, meta = model_dir.load(cfg.model)   # adapters the base carries stay out
+  image_unet, mm = split_motion_module(params["unet"])
   new = False
   if image:
-    motion = None
-  elif "motion_module" in items:
-    motion = orbax_io.motion_config_from_meta(meta)
-    unet.update(flat(items["motion_module"]))
-  else:
-    motion = motion_config(cfg)
-    shapes = {k: v for k, v in flat(unet_shapes(unet_cfg, motion)).items() if "motion_modules_" in k}
-    unet.update(flat(random_like(unflat(shapes), cfg.seed)))
-    new = True
-  mc = ModelConfig(unet_cfg, motion, text_cfg, vae_cfg)
-  return Base(mc, {"unet": unflat(unet), "text_encoder": items["text_encoder"], "vae": items["vae"]},
-              meta, motion_is_new=new)
+    config = dataclasses.replace(config, motion=None)
+  elif config.motion is None:
+    config = dataclasses.replace(config, motion=motion_config(cfg))
+    mm, new = new_motion_module(config.unet, config.motion, cfg.seed), True
+  unet = image_unet if image else merge_motion_module(image_unet, mm)
+  return Base(config, dict(params, unet=unet), meta, motion_is_new=new)
 
 
 def model_tree(cfg: TrainConfig, base: Base) -> dict:
@@ -169,8 +124,8 @@ def model_tree(cfg: TrainConfig, base: Base) -> dict:
 def split_model(cfg: TrainConfig, tree: dict) -> tuple[Pytree, Pytree]:
   """(trainable as f32, frozen as loaded)."""
   trainable, frozen = split(tree, trainable_filter(cfg.stage))
-  if not flat(trainable):
-    raise ValueError(f"stage {cfg.stage}: no trainable parameters in the model")
+  if not flatten(trainable):
+    raise InputError(f"stage {cfg.stage}: no trainable parameters in the model")
   trainable = jax.tree.map(lambda a: np.asarray(a, np.float32), trainable)
   return trainable, frozen
 
@@ -184,7 +139,7 @@ def resolve_optim(optim: OptimConfig, total_steps: int) -> OptimConfig:
     return optim
   decay = total_steps - optim.warmup_steps
   if decay <= 0:
-    raise ValueError(f"optim.schedule=cosine: steps ({total_steps}) must exceed warmup_steps "
+    raise InputError(f"optim.schedule=cosine: steps ({total_steps}) must exceed warmup_steps "
                      f"({optim.warmup_steps}), or set optim.decay_steps")
   return dataclasses.replace(optim, decay_steps=decay)
 
@@ -194,7 +149,7 @@ def learning_rate(optim: OptimConfig):
   resolve_optim for decay_steps = 0)."""
   if optim.schedule == "cosine":
     if optim.decay_steps <= 0:
-      raise ValueError("optim.schedule=cosine needs decay_steps > 0 (resolve_optim fills it)")
+      raise InputError("optim.schedule=cosine needs decay_steps > 0 (resolve_optim fills it)")
     return optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps,
                                               optim.warmup_steps + optim.decay_steps,
                                               optim.end_learning_rate)

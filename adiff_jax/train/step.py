@@ -4,7 +4,7 @@ Diffusion stages use the official objective: VAE-encode the clip to scaled laten
 posterior sample, as `vae.encode(x).latent_dist.sample() * 0.18215`), draw noise and
 t ~ U{0..999}, noise with the "linear" training schedule, and regress the noise (epsilon MSE).
 Text goes through our CLIP; the 10% empty captions come from the data pipeline. With
-pre-computed data (`adiff_jax.data.precompute`) the batch carries the scaled posterior mean/std
+pre-computed data (`adiff_jax.train.precompute`) the batch carries the scaled posterior mean/std
 (a fresh sample per step) and optionally the text embeddings, and the frozen encoders are skipped.
 The `vae` stage trains the autoencoder itself (reconstruction MSE + a small KL).
 """
@@ -19,14 +19,15 @@ import optax
 
 from adiff_jax import schedulers
 from adiff_jax.clip_text import CLIPTextModel
-from adiff_jax.pipeline import ModelConfig
+from adiff_jax.model import ModelConfig
+from adiff_jax.params import dtype as dtype_of
 from adiff_jax.train.config import OptimConfig, TrainConfig
-from adiff_jax.train.state import IMAGE_STAGES, learning_rate, make_optimizer, merge, resolve_optim
+from adiff_jax.params import merge
+from adiff_jax.train.state import IMAGE_STAGES, learning_rate, make_optimizer, resolve_optim
 from adiff_jax.unet import UNet3D
 from adiff_jax.vae import AutoencoderKL, encode_video
 
 Pytree = Any
-DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +50,13 @@ class StepSpec:
 
 
 def make_spec(cfg: TrainConfig, model: ModelConfig) -> StepSpec:
-  dt = DTYPES[cfg.dtype]
+  dt = dtype_of(cfg.dtype)
   motion = None if cfg.stage in IMAGE_STAGES else model.motion
   return StepSpec(
       stage=cfg.stage,
       unet=UNet3D(model.unet, motion, dtype=dt, attention_impl=cfg.attention_impl, remat=cfg.remat),
-      text=CLIPTextModel(model.text, implementation=cfg.attention_impl, dtype=dt),
-      vae=AutoencoderKL(dataclasses.replace(model.vae, dtype=dt)),
+      text=CLIPTextModel(model.text, attention_impl=cfg.attention_impl, dtype=dt),
+      vae=AutoencoderKL(model.vae, dtype=dt),
       schedule=schedulers.NoiseSchedule.animatediff(),
       optim=resolve_optim(cfg.optim, cfg.steps), seed=cfg.seed, vae_chunk=cfg.vae_chunk,
       kl_weight=cfg.vae_kl_weight, noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,

@@ -2,7 +2,7 @@
 
 Our tree holds only the `motion_modules_*` subtrees in UNet3D layout
 (`down_blocks_0/motion_modules_1/temporal_transformer/...`); merge it into a base UNet tree
-with `convert_weights.tree.merge_trees`.
+with `adiff_jax.motion_module.merge_motion_module`.
 
 The sinusoidal `pe` buffer is not a parameter (we recompute it). Its length decides the
 version: 24 -> v1; 32 with a mid-block module -> v2; 32 without -> v3. Files without `pe`
@@ -25,12 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from adiff_jax.embeddings import motion_positional_encoding
-from adiff_jax.motion_module import MotionModule, MotionModuleConfig
+from adiff_jax.motion_module import MotionModule, MotionModuleConfig, is_motion_module
 from convert_weights import io
 from convert_weights.detect import detect_keys
 from convert_weights.errors import ConversionError, few
-from convert_weights.motion_module import diffusers_to_official, is_pe_buffer, official_to_diffusers
-from convert_weights.tree import check_tree, flatten, state_dict_to_tree, tree_to_state_dict
+from convert_weights.motion_module_keys import diffusers_to_official, is_pe_buffer, official_to_diffusers
+from adiff_jax.params import flatten
+from convert_weights.tree import check_tree, state_dict_to_tree, tree_to_state_dict
 
 _MODULE = re.compile(r"^((?:down_blocks|up_blocks)\.\d+|mid_block)\.motion_modules\.(\d+)\.")
 
@@ -140,7 +141,7 @@ def _check(tree: dict, cfg: MotionModuleConfig, where: str) -> None:
   if not mods:
     raise ConversionError(f"{where}: no motion-module tensors")
   for m in mods:
-    if "/motion_modules_" not in m:
+    if not is_motion_module(m):
       raise ConversionError(f"{where}: unexpected tensors outside motion modules under {m}")
     sub = tree
     for p in m.split("/"):

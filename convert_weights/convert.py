@@ -3,29 +3,37 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import ml_dtypes
+import hashlib
+import os
+
 import numpy as np
 
-from convert_weights import base, lora_files, motion, orbax_io
-from convert_weights.base import config_dict
+from adiff_jax import model_dir
+from adiff_jax.config_io import to_dict
+from adiff_jax.params import cast_tree, flatten
+from convert_weights import lora_files, motion_module_files as motion, sd_base as base
 from convert_weights.errors import ConversionError
-from convert_weights.tree import flatten, unflatten
-
-DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16, "keep": None}
 
 
-def cast_tree(tree: dict, dtype: Optional[str], skip_leaf: Sequence[str] = ()) -> dict:
-  """Floating leaves to `dtype` ("fp32" | "fp16" | "bf16"; "keep"/None: unchanged)."""
-  target = DTYPES.get(dtype or "keep", "bad")
-  if isinstance(target, str):
-    raise ConversionError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-  if target is None:
-    return tree
-  out = {}
-  for k, v in flatten(tree).items():
-    floating = np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16
-    out[k] = v.astype(target) if floating and k.rsplit("/", 1)[-1] not in skip_leaf else v
-  return unflatten(out)
+def sha256(path: str, chunk: int = 1 << 22) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while b := f.read(chunk):
+      h.update(b)
+  return h.hexdigest()
+
+
+def source_record(path: str) -> dict:
+  """{path, sha256} of a file, or of every weights file in a folder."""
+  if os.path.isdir(path):
+    files = []
+    for root, _, names in sorted(os.walk(path)):
+      for n in sorted(names):
+        if n.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth")):
+          p = os.path.join(root, n)
+          files.append({"file": os.path.relpath(p, path), "sha256": sha256(p)})
+    return {"path": os.path.basename(os.path.normpath(path)), "files": files}
+  return {"path": os.path.basename(path), "sha256": sha256(path)}
 
 
 def _dtypes(tree: dict) -> list[str]:
@@ -44,13 +52,15 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
     raise ConversionError("nothing to convert: give --base, --motion-module, --motion-lora or --domain-adapter")
   if loras and not base_path:
     raise ConversionError("--lora (kohya) is merged into the base model: it needs --base")
+  if os.path.exists(out) and not overwrite:     # before reading anything
+    raise ConversionError(f"{os.path.abspath(out)}: already exists (use --overwrite to replace it)")
   overrides = overrides or {}
   items, notes = {}, []
   meta: dict = {"dtype": dtype, "versions": {}, "configs": {}, "sources": {}, "formats": {}, "extras": {}}
 
   def add_extras(name, extras):
     if extras:
-      items[f"extras_{name}"], meta["extras"][f"extras_{name}"] = orbax_io.extras_to_item(extras)
+      items[f"extras_{name}"], meta["extras"][f"extras_{name}"] = model_dir.extras_to_item(extras)
 
   if base_path:
     log(f"reading base model {base_path}")
@@ -63,17 +73,17 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
       linfo = {}
       unet, text = lora_files.merge_kohya_lora(unet, text, path, alpha, kohya_scaling, linfo)
       notes += linfo.get("notes", [])
-      meta.setdefault("kohya_loras", []).append({"source": orbax_io.source_record(path), "alpha": alpha,
+      meta.setdefault("kohya_loras", []).append({"source": source_record(path), "alpha": alpha,
                                                  "scaling": "kohya" if kohya_scaling else "official"})
     items["unet"] = cast_tree(unet, dtype)
-    meta["configs"]["unet"] = config_dict(b["unet_config"])
+    meta["configs"]["unet"] = to_dict(b["unet_config"])
     if text is not None:
       items["text_encoder"] = cast_tree(text, dtype)
-      meta["configs"]["text_encoder"] = config_dict(b["text_config"])
+      meta["configs"]["text_encoder"] = to_dict(b["text_config"])
     if "vae" in b:
       items["vae"] = cast_tree(b["vae"], dtype)
-      meta["configs"]["vae"] = config_dict(b["vae_config"])
-    meta["sources"]["base"] = orbax_io.source_record(base_path)
+      meta["configs"]["vae"] = to_dict(b["vae_config"])
+    meta["sources"]["base"] = source_record(base_path)
     meta["formats"]["base"] = b["format"]
     add_extras("base", b["extras"])
 
@@ -86,11 +96,11 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
         motion_module, mm_version, ov.get("num_heads"), ov.get("norm_groups"), info=info, progress=progress)
     notes += info.get("notes", [])
     items["motion_module"] = cast_tree(mm_tree, dtype)
-    meta["configs"]["motion_module"] = config_dict(cfg)
+    meta["configs"]["motion_module"] = to_dict(cfg)
     meta["versions"]["motion_module"] = version
     meta["formats"]["motion_module"] = info["format"]
     meta["motion_module_had_pe"] = bool(info["extras"])
-    meta["sources"]["motion_module"] = orbax_io.source_record(motion_module)
+    meta["sources"]["motion_module"] = source_record(motion_module)
     add_extras("motion_module", info["extras"])
     log(f"motion module: {version}, pe length {cfg.max_len}, mid block {cfg.mid_block}")
 
@@ -102,7 +112,7 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
     name = f"motion_lora_{i}"
     items[name] = cast_tree(tree, dtype, skip_leaf=("scale",))
     meta.setdefault("motion_loras", []).append({"item": name, "alpha": alpha})
-    meta["sources"][name] = orbax_io.source_record(path)
+    meta["sources"][name] = source_record(path)
 
   if domain_adapter:
     path, scale = domain_adapter
@@ -112,23 +122,23 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
       lora_files.check_lora_targets(tree, items["unet"], path)
     items["domain_adapter"] = cast_tree(tree, dtype, skip_leaf=("scale",))
     meta["domain_adapter"] = {"item": "domain_adapter", "scale": scale}
-    meta["sources"]["domain_adapter"] = orbax_io.source_record(path)
+    meta["sources"]["domain_adapter"] = source_record(path)
 
   meta["notes"] = notes
   meta["tensor_dtypes"] = {n: _dtypes(t) for n, t in items.items()}
   log(f"writing {out} ({', '.join(sorted(items))})")
-  orbax_io.save_model_dir(out, items, meta, overwrite=overwrite)
+  model_dir.save(out, items, meta, overwrite=overwrite)
   return meta
 
 
 WHAT = ("motion_module", "motion_lora", "domain_adapter", "ldm")
 
 
-def to_torch(model_dir: str, what: str, out: str, fmt: str = "original", item: Optional[str] = None,
+def to_torch(model_dir_path: str, what: str, out: str, fmt: str = "original", item: Optional[str] = None,
              log=print) -> None:
   """Export one part of an Orbax model dir: motion_module (original file or diffusers folder),
   motion_lora / domain_adapter (original processor-LoRA file), ldm (single-file UNet+VAE+CLIP)."""
-  meta = orbax_io.read_metadata(model_dir)
+  meta = model_dir.read_metadata(model_dir_path)
   if what not in WHAT:
     raise ConversionError(f"unknown --what {what!r}; choose from {', '.join(WHAT)}")
   if fmt not in ("original", "diffusers"):
@@ -138,20 +148,39 @@ def to_torch(model_dir: str, what: str, out: str, fmt: str = "original", item: O
   if what == "motion_module":
     extras_keys = meta.get("extras", {}).get("extras_motion_module", [])
     names = ["motion_module"] + (["extras_motion_module"] if extras_keys else [])
-    trees, _ = orbax_io.load_model_dir(model_dir, names)
-    extras = orbax_io.extras_from_item(trees["extras_motion_module"], extras_keys) if extras_keys else {}
-    motion.export_motion_module(trees["motion_module"], orbax_io.motion_config_from_meta(meta), out, fmt,
-                                extras=extras, with_pe=meta.get("motion_module_had_pe"))
+    trees, _ = model_dir.load_items(model_dir_path, names)
+    extras = model_dir.extras_from_item(trees["extras_motion_module"], extras_keys) if extras_keys else {}
+    cfg = model_dir.config_of(meta, "motion_module", model_dir_path)
+    motion.export_motion_module(trees["motion_module"], cfg, out, fmt, extras=extras,
+                                with_pe=meta.get("motion_module_had_pe"))
   elif what in ("motion_lora", "domain_adapter"):
     name = item or ("motion_lora_0" if what == "motion_lora" else "domain_adapter")
-    trees, _ = orbax_io.load_model_dir(model_dir, [name])
+    trees, _ = model_dir.load_items(model_dir_path, [name])
     lora_files.export_lora(trees[name], out)
   else:
     present = [n for n in ("unet", "vae", "text_encoder") if n in meta.get("items", [])]
     if "unet" not in present:
-      raise ConversionError(f"{model_dir}: has no unet item to export as LDM")
+      raise ConversionError(f"{model_dir_path}: has no unet item to export as LDM")
     extras_keys = meta.get("extras", {}).get("extras_base", [])
-    trees, _ = orbax_io.load_model_dir(model_dir, present + (["extras_base"] if extras_keys else []))
-    extras = orbax_io.extras_from_item(trees["extras_base"], extras_keys) if extras_keys else {}
+    trees, _ = model_dir.load_items(model_dir_path, present + (["extras_base"] if extras_keys else []))
+    extras = model_dir.extras_from_item(trees["extras_base"], extras_keys) if extras_keys else {}
     base.export_ldm(out, trees["unet"], trees.get("vae"), trees.get("text_encoder"), extras)
   log(f"wrote {out}")
+
+
+# What each training stage exports in the official PyTorch formats (train.py's `export_files`).
+STAGE_FILES = {"motion_module": ("motion_module", None), "motion_lora": ("motion_lora", "motion_lora_0"),
+               "domain_adapter": ("domain_adapter", "domain_adapter")}
+
+
+def export_stage(model_dir_path: str, stage: str, out_dir: str, fmt: str = "safetensors",
+                 log=lambda *_: None) -> list[str]:
+  """The trained part of a stage's exported model dir -> `<out_dir>/<stage>.<fmt>` in the
+  official layout (mm_sd_*.ckpt, v2_lora_*.ckpt, v3_sd15_adapter.ckpt); nothing for the image
+  and vae stages. fmt: "safetensors" or "ckpt"."""
+  if stage not in STAGE_FILES:
+    return []
+  what, item = STAGE_FILES[stage]
+  out = os.path.join(out_dir, f"{stage}.{fmt}")
+  to_torch(model_dir_path, what, out, "original", item=item, log=log)
+  return [out]

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from adiff_jax.data.webvid import VideoTooShort, read_video_frames
+from adiff_jax.errors import InputError
 
 SKIP_KEY = "_skip"
 SKIP_REASONS = ("unreadable", "too_short")
@@ -134,7 +135,7 @@ class ClipTransform(grain.transforms.RandomMap):
 
 
 class PrecomputedTransform(grain.transforms.RandomMap):
-  """Pre-encoded record (see `adiff_jax.data.precompute`): the clip is already sampled, so only
+  """Pre-encoded record (see `adiff_jax.train.precompute`): the clip is already sampled, so only
   the caption dropout is left. With stored text embeddings the dropout swaps in the stored
   empty-caption embedding (the text encoder never runs); otherwise the caption becomes ""."""
 
@@ -223,7 +224,7 @@ def shard_dataset(ds: grain.MapDataset, shard_index: int, shard_count: int) -> g
   """Strided shard of the index space; trailing len % shard_count records are dropped so every
   host sees the same number of records per epoch."""
   if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    raise InputError(f"shard_index {shard_index} not in [0, {shard_count})")
   usable = (len(ds) // shard_count) * shard_count
   return ds[:usable][shard_index::shard_count]
 
@@ -270,7 +271,7 @@ def make_train_loader(source, *, batch_size: int, seed: int,
     shard_count = jax.process_count() if shard_count is None else shard_count
   ds = shard_dataset(grain.MapDataset.source(source), shard_index, shard_count)
   if len(ds) == 0:
-    raise ValueError(f"shard {shard_index}/{shard_count} of a {len(source)}-record source is empty")
+    raise InputError(f"shard {shard_index}/{shard_count} of a {len(source)}-record source is empty")
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)

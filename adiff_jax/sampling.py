@@ -13,45 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adiff_jax.clip_text import CLIPTextConfig, CLIPTextModel
-from adiff_jax.motion_module import MotionModuleConfig
+from adiff_jax.clip_text import CLIPTextModel
+from adiff_jax.errors import InputError
+from adiff_jax.model import ModelConfig, PARTS
+from adiff_jax.params import dtype as dtype_of
 from adiff_jax.schedulers import NoiseSchedule, SAMPLERS, make_sampler, sample
 from adiff_jax.tokenizer import CLIPTokenizer
-from adiff_jax.unet import UNet3D, UNetConfig
-from adiff_jax.vae import AutoencoderKL, VAEConfig, decode_video
+from adiff_jax.unet import UNet3D
+from adiff_jax.vae import AutoencoderKL, decode_video
 
 Pytree = Any
-DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The four parts of an AnimateDiff model: image UNet (+ motion modules), text encoder, VAE."""
-  unet: UNetConfig
-  motion: Optional[MotionModuleConfig]
-  text: CLIPTextConfig
-  vae: VAEConfig
-
-  @classmethod
-  def sd15(cls, motion: str = "v3") -> "ModelConfig":
-    return cls(UNetConfig.sd15(), MotionModuleConfig.preset(motion), CLIPTextConfig.sd15(),
-               VAEConfig.sd15())
-
-  @classmethod
-  def tiny(cls) -> "ModelConfig":
-    """The built-in CPU demo model: 64x64 video, 2-level UNet, 2-layer CLIP, 3-level VAE."""
-    return cls(UNetConfig.tiny(), MotionModuleConfig.v3(num_heads=2, norm_groups=8),
-               CLIPTextConfig.tiny(), VAEConfig.tiny(block_out_channels=(32, 64, 64)))
-
-  @property
-  def latent_factor(self) -> int:
-    """Pixels per latent: the VAE's downsampling."""
-    return self.vae.downsample_factor
-
-  @property
-  def size_multiple(self) -> int:
-    """Image sizes must be multiples of this (VAE x UNet downsampling): 64 for SD1.5."""
-    return self.vae.downsample_factor * self.unet.downsample_factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,17 +51,17 @@ class Pipeline:
   def __init__(self, config: ModelConfig, params: Pytree, *, tokenizer: Optional[CLIPTokenizer] = None,
                lora: Optional[Pytree] = None, dtype: str = "f32", mesh=None,
                attention_impl: Optional[str] = None):
-    for part in ("unet", "text_encoder", "vae"):
-      if part not in params:
-        raise KeyError(f"pipeline parameters lack {part!r} (have {sorted(params)})")
+    missing = [p for p in PARTS if p not in params]
+    if missing:
+      raise InputError(f"pipeline parameters lack {missing} (have {sorted(params)})")
     self.config = config
-    self.dtype = DTYPES[dtype]
+    # One compute dtype for all three models (bf16 on accelerators; f32 is the CPU default).
+    self.dtype = dtype_of(dtype)
     self.unet = UNet3D(config.unet, config.motion, dtype=self.dtype, attention_impl=attention_impl)
-    self.text_encoder = CLIPTextModel(config.text, dtype=self.dtype)
-    self.vae = AutoencoderKL(config.vae)
+    self.text_encoder = CLIPTextModel(config.text, dtype=self.dtype, attention_impl=attention_impl)
+    self.vae = AutoencoderKL(config.vae, dtype=self.dtype)
     cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, self.dtype), t)
-    self.params = {"unet": cast(params["unet"]), "text_encoder": cast(params["text_encoder"]),
-                   "vae": jax.tree.map(jnp.asarray, params["vae"])}
+    self.params = {p: cast(params[p]) for p in PARTS}
     self.lora = None if lora is None else cast(lora)
     self.tokenizer = tokenizer or CLIPTokenizer.default()
     self.mesh = mesh
@@ -101,16 +72,16 @@ class Pipeline:
     """Clear errors before anything compiles."""
     m = self.config.size_multiple
     if cfg.height % m or cfg.width % m or cfg.height <= 0 or cfg.width <= 0:
-      raise ValueError(f"height and width must be positive multiples of {m} for this model "
+      raise InputError(f"height and width must be positive multiples of {m} for this model "
                        f"(got {cfg.height}x{cfg.width})")
     mm = self.config.motion
     if mm is not None and cfg.frames > mm.max_len:
-      raise ValueError(f"{cfg.frames} frames exceed the motion module's positional encoding "
+      raise InputError(f"{cfg.frames} frames exceed the motion module's positional encoding "
                        f"(at most {mm.max_len} frames)")
     if cfg.frames < 1:
-      raise ValueError("frames must be >= 1")
+      raise InputError("frames must be >= 1")
     if cfg.scheduler not in SAMPLERS:
-      raise ValueError(f"unknown scheduler {cfg.scheduler!r}; choose from {SAMPLERS}")
+      raise InputError(f"unknown scheduler {cfg.scheduler!r}; choose from {SAMPLERS}")
 
   # -- stages ---------------------------------------------------------------------------------
   def encode_prompts(self, prompts: Sequence[str], clip_skip: int = 1) -> jax.Array:
@@ -141,7 +112,7 @@ class Pipeline:
 
   def decode(self, latents: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """Latents (B, F, h, w, 4) -> frames (B, F, H, W, 3) in [0, 1], decoded in frame chunks."""
-    x = decode_video(self.vae, {"params": self.params["vae"]}, latents.astype(jnp.float32),
+    x = decode_video(self.vae, {"params": self.params["vae"]}, latents.astype(self.dtype),
                      chunk_size=cfg.vae_chunk)
     return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -153,7 +124,7 @@ class Pipeline:
     prompts = list(prompts)
     negative = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
     if len(negative) != len(prompts) or len(seeds) != len(prompts):
-      raise ValueError(f"need one negative prompt and one seed per prompt: got {len(prompts)} "
+      raise InputError(f"need one negative prompt and one seed per prompt: got {len(prompts)} "
                        f"prompts, {len(negative)} negative prompts, {len(seeds)} seeds")
     cond = self.encode_prompts(prompts, cfg.clip_skip)
     uncond = self.encode_prompts(negative, cfg.clip_skip)
@@ -172,7 +143,7 @@ def seed_key(seed: int) -> jax.Array:
   """PRNG key of a user seed; seeds up to 2**64 (the official configs use such) stay distinct."""
   seed = int(seed)
   if not 0 <= seed < 2**64:
-    raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    raise InputError(f"seed must be in [0, 2**64), got {seed}")
   return jax.random.fold_in(jax.random.key(seed & 0xFFFFFFFF), seed >> 32)
 
 

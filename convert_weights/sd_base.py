@@ -5,18 +5,17 @@ heads) default to SD1.5's (8, 32, hidden/64); pass configs to override or to val
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from adiff_jax.clip_text import CLIPTextConfig, CLIPTextModel
-from adiff_jax.unet import UNet3D, UNetConfig, init_params
-from adiff_jax.vae import AutoencoderKL, VAEConfig
+from adiff_jax.clip_text import CLIPTextConfig
+from adiff_jax.model import param_shapes
+from adiff_jax.motion_module import is_motion_module
+from adiff_jax.unet import UNetConfig
+from adiff_jax.vae import VAEConfig
 from convert_weights import io, ldm
 from convert_weights.errors import ConversionError
 from convert_weights.tree import check_tree, state_dict_to_tree, tree_to_state_dict
@@ -124,39 +123,22 @@ def text_config_from_transformers(cfg: dict, **overrides) -> CLIPTextConfig:
   return CLIPTextConfig(**kw)
 
 
-# ---------------------------------------------------------------- expected trees
-def expected_unet(cfg: UNetConfig) -> dict:
-  model = UNet3D(cfg)
-  return jax.eval_shape(lambda: init_params(jax.random.key(0), model, frames=1))
-
-
-def expected_vae(cfg: VAEConfig) -> dict:
-  s = 8 * cfg.downsample_factor
-  x = jax.ShapeDtypeStruct((1, s, s, cfg.in_channels), jnp.float32)
-  return jax.eval_shape(AutoencoderKL(cfg).init, jax.random.key(0), x)["params"]
-
-
-def expected_text(cfg: CLIPTextConfig) -> dict:
-  ids = jax.ShapeDtypeStruct((1, cfg.max_position_embeddings), jnp.int32)
-  return jax.eval_shape(CLIPTextModel(cfg).init, jax.random.key(0), ids)["params"]
-
-
 # ---------------------------------------------------------------- diffusers-named state dicts <-> trees
 def unet_tree(sd: dict, cfg: UNetConfig, where: str) -> dict:
   tree = state_dict_to_tree(sd)
-  check_tree(tree, expected_unet(cfg), f"{where} (UNet)")
+  check_tree(tree, param_shapes(cfg), f"{where} (UNet)")
   return tree
 
 
 def vae_tree(sd: dict, cfg: VAEConfig, where: str) -> dict:
   tree = state_dict_to_tree(sd)
-  check_tree(tree, expected_vae(cfg), f"{where} (VAE)")
+  check_tree(tree, param_shapes(cfg), f"{where} (VAE)")
   return tree
 
 
 def text_tree(sd: dict, cfg: CLIPTextConfig, where: str) -> dict:
   tree = state_dict_to_tree(sd, embeddings=CLIP_EMBEDDINGS)
-  check_tree(tree, expected_text(cfg), f"{where} (text encoder)")
+  check_tree(tree, param_shapes(cfg), f"{where} (text encoder)")
   return tree
 
 
@@ -275,42 +257,14 @@ def export_ldm(path: str, unet: Optional[dict] = None, vae: Optional[dict] = Non
                text_encoder: Optional[dict] = None, extras: Optional[dict] = None) -> None:
   """Write a single-file LDM checkpoint (`.safetensors` or `.ckpt`) that A1111 / ComfyUI /
   diffusers' `from_single_file` read. The UNet tree must not contain motion modules."""
-  if unet is not None and any("motion_modules_" in k for k in _flat_keys(unet)):
+  if unet is not None and any(is_motion_module(k) for k in _flat_keys(unet)):
     raise ConversionError("export_ldm: the UNet tree contains motion modules; export them separately")
   io.save_torch_file(base_to_ldm_state_dict(unet, vae, text_encoder, extras), path)
 
 
 def _flat_keys(tree):
-  from convert_weights.tree import flatten
+  from adiff_jax.params import flatten
   return flatten(tree).keys()
-
-
-def config_dict(cfg) -> dict:
-  """A config dataclass as JSON-ready dict (tuples -> lists, dtypes -> names)."""
-  out = {}
-  for f in dataclasses.fields(cfg):
-    v = getattr(cfg, f.name)
-    if f.name in ("dtype", "param_dtype"):
-      v = jnp.dtype(v).name
-    elif isinstance(v, tuple):
-      v = list(v)
-    out[f.name] = v
-  return out
-
-
-def config_from_dict(cls, d: dict):
-  """Inverse of `config_dict` (JSON lists -> tuples, dtype names -> dtypes); unknown keys ignored."""
-  names = {f.name for f in dataclasses.fields(cls)}
-  kw = {}
-  for k, v in d.items():
-    if k not in names:
-      continue
-    if k in ("dtype", "param_dtype"):
-      v = jnp.dtype(v)
-    elif isinstance(v, list):
-      v = tuple(v)
-    kw[k] = v
-  return cls(**kw)
 
 
 def tree_from_diffusers(sd: dict, kind: str) -> dict:

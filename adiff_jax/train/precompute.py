@@ -1,25 +1,16 @@
-"""Pre-computed VAE latents (and optionally CLIP text embeddings) for training.
+"""Pre-computes VAE latents (and optionally CLIP text embeddings) for training.
 
-`python -m adiff_jax.data.precompute --config configs/training/X.yaml --out DIR [--text]` runs
+`python -m adiff_jax.train.precompute --config configs/training/X.yaml --out DIR [--text]` runs
 the configured source through the training clip sampling (one deterministic clip per example:
 start, flip and caption drawn from (seed, index); no caption dropout, that happens at training
 time) and encodes each clip with the run's frozen VAE. What is stored is the *scaled* posterior
 mean and std, not a sample, so training still draws a fresh latent per step
-(mean + std * eps, like `latent_dist.sample() * scaling_factor`).
-
-Layout of DIR (written to a temporary sibling and renamed, so DIR is complete or absent):
-  manifest.json                     config, counts, shapes, dtype, scaling factor, base sha
-  shard_00000.latent_mean.npy       (n, F, h, w, 4) float16, scaled
-  shard_00000.latent_std.npy        (n, F, h, w, 4) float16, scaled
-  shard_00000.text.npy              (n,) unicode captions
-  shard_00000.text_emb.npy          (n, 77, D) float16 (with --text)
-  empty_text_emb.npy                (77, D) float16: the "" caption (with --text)
-Plain .npy files rather than .npz: they memory-map, so random access reads one example.
+(mean + std * eps, like `latent_dist.sample() * scaling_factor`). The directory layout and its
+reader: `adiff_jax.data.precomputed`.
 """
 from __future__ import annotations
 
 import argparse
-import bisect
 import dataclasses
 import hashlib
 import json
@@ -32,63 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FORMAT = "adiff-precomputed-v1"
-STORE_DTYPE = np.float16
-FIELDS = ("latent_mean", "latent_std", "text", "text_emb")
+from adiff_jax.data.loader import ClipTransform, for_source
+from adiff_jax.data.precomputed import FIELDS, FORMAT, STORE_DTYPE, PrecomputedSource  # noqa: F401
+from adiff_jax.errors import InputError
+from adiff_jax.tokenizer import CLIPTokenizer
+from adiff_jax.train.config import load_config, to_dict
+from adiff_jax.train.inputs import clip_config, make_source
+from adiff_jax.train.state import load_base
+from adiff_jax.train.step import make_spec
 
-
-# ----------------------------------------------------------------------------- reading
-
-class PrecomputedSource:
-  """Random-access records {"latent_mean", "latent_std": float16 (F, h, w, 4), "text": str,
-  optional "text_emb": float16 (77, D)} from a `precompute` directory. Pickles cheaply (the
-  memory maps are opened lazily), so grain workers can use it."""
-
-  is_precomputed = True
-
-  def __init__(self, directory: str):
-    self.directory = str(directory)
-    with open(os.path.join(self.directory, "manifest.json")) as f:
-      self.manifest = json.load(f)
-    if self.manifest.get("format") != FORMAT:
-      raise ValueError(f"{directory}: not a precomputed dataset (format {self.manifest.get('format')!r})")
-    self.has_text_emb = bool(self.manifest["text_embeddings"])
-    counts = [s["count"] for s in self.manifest["shards"]]
-    self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
-    self._maps: dict = {}
-
-  def __len__(self) -> int:
-    return self._starts[-1]
-
-  def _array(self, shard: int, field: str) -> np.ndarray:
-    key = (shard, field)
-    if key not in self._maps:
-      path = os.path.join(self.directory, f"{self.manifest['shards'][shard]['name']}.{field}.npy")
-      self._maps[key] = np.load(path, mmap_mode="r")
-    return self._maps[key]
-
-  def __getitem__(self, index: int) -> dict:
-    index = int(index)
-    if not 0 <= index < len(self):
-      raise IndexError(f"index {index} out of range for {len(self)} records")
-    shard = bisect.bisect_right(self._starts, index) - 1
-    i = index - self._starts[shard]
-    fields = FIELDS if self.has_text_emb else FIELDS[:3]
-    rec = {f: np.array(self._array(shard, f)[i]) for f in fields}
-    rec["text"] = str(rec["text"])
-    return rec
-
-  @property
-  def empty_text_emb(self) -> Optional[np.ndarray]:
-    if not self.has_text_emb:
-      return None
-    return np.load(os.path.join(self.directory, "empty_text_emb.npy"))
-
-  def __getstate__(self):
-    return {k: v for k, v in self.__dict__.items() if k != "_maps"} | {"_maps": {}}
-
-
-# ----------------------------------------------------------------------------- writing
 
 def model_sha(model: str) -> Optional[str]:
   """sha256 over the relative paths and bytes of every file of a model dir (None for "tiny")."""
@@ -109,7 +52,6 @@ def model_sha(model: str) -> Optional[str]:
 def sampled_clips(source, clip, seed: int, num: int) -> Iterator[tuple[int, dict]]:
   """(index, {"video", "text"}) for the first `num` records, one clip each from
   np.random.default_rng([seed, index]); skipped records (unreadable, too short) yield a marker."""
-  from adiff_jax.data.pipeline import ClipTransform, for_source
   transform = ClipTransform(dataclasses.replace(for_source(clip, source), empty_text_prob=0.0))
   for i in range(num):
     yield i, transform.random_map(source[i], np.random.default_rng([seed, i]))
@@ -118,7 +60,6 @@ def sampled_clips(source, clip, seed: int, num: int) -> Iterator[tuple[int, dict
 def make_encoders(cfg, base):
   """Jitted (vae_params, frames (N, H, W, 3)) -> scaled (mean, std), and (text_params, ids) ->
   embeddings, with the same modules (and dtype) as the training step."""
-  from adiff_jax.train.step import make_spec
   spec = make_spec(cfg, base.config)
   s = spec.vae.config.scaling_factor
 
@@ -184,14 +125,10 @@ def precompute(cfg, out_dir: str, *, num_examples: Optional[int] = None, text: b
   """Encodes the first `num_examples` records (all by default) of `cfg.data`'s source into
   `out_dir` (which must not exist). Returns the manifest."""
   from tqdm.auto import tqdm
-  from adiff_jax.tokenizer import CLIPTokenizer
-  from adiff_jax.train.config import to_dict
-  from adiff_jax.train.inputs import clip_config, make_source
-  from adiff_jax.train.state import load_base
   if os.path.exists(out_dir):
     raise FileExistsError(f"{out_dir} exists; remove it or choose another --out")
   if cfg.stage == "vae":
-    raise ValueError("the vae stage trains the VAE: its inputs cannot be pre-encoded")
+    raise InputError("the vae stage trains the VAE: its inputs cannot be pre-encoded")
   source, clip, base = make_source(cfg.data), clip_config(cfg), load_base(cfg)
   num = len(source) if num_examples is None else min(num_examples, len(source))
   encode, embed = make_encoders(cfg, base)
@@ -258,7 +195,6 @@ def main(argv=None) -> None:
   p.add_argument("--seed", type=int, default=0, help="clip-sampling seed")
   p.add_argument("overrides", nargs="*", help="config key=value overrides")
   a = p.parse_args(argv)
-  from adiff_jax.train.config import load_config
   cfg = load_config(a.config, a.overrides)
   m = precompute(cfg, a.out, num_examples=a.num_examples, text=a.text, batch_size=a.batch_size,
                  shard_size=a.shard_size, seed=a.seed)
