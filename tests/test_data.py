@@ -348,6 +348,33 @@ def test_synthetic_travel_range():
     assert synthetic.motion_direction(slow[i]["video"]) == p.direction
 
 
+@pytest.mark.parametrize("directions", [("left",), ("up",), ("right", "down")])
+def test_synthetic_directions_and_no_flips(directions):
+  """A one-direction MotionLoRA set: only those directions are drawn, and the loader (with
+  random_flip on, as by default) never flips them: every batch still moves the captioned way."""
+  src = synthetic.SyntheticMotionSource(40, frames=16, size=64, seed=1, background=40, directions=directions)
+  assert not src.flippable and synthetic.SyntheticMotionSource(4).flippable
+  assert {src.params(i).direction for i in range(40)} == set(directions)
+  clip = ClipConfig(sample_size=64, sample_stride=1, sample_n_frames=16, random_flip=True, empty_text_prob=0.0)
+  it = iter(make_train_loader(src, batch_size=8, seed=0, shard_index=0, shard_count=1, clip=clip))
+  for _ in range(3):
+    batch = next(it)
+    for video, text in zip(batch["video"], batch["text"]):
+      d = synthetic.motion_direction(video)
+      assert d in directions and text.endswith(f"moving {d}"), (d, text)
+  with pytest.raises(ValueError, match="non-empty subset"):
+    synthetic.SyntheticMotionSource(4, directions=("sideways",))
+
+
+def test_flippable_source_does_get_flipped():
+  """The check above can fail: the same left-only source, declared flippable, yields right-moving clips."""
+  src = synthetic.SyntheticMotionSource(40, frames=16, size=64, seed=1, background=40, directions=("left",))
+  src.flippable = True
+  clip = ClipConfig(sample_size=64, sample_stride=1, sample_n_frames=16, random_flip=True, empty_text_prob=0.0)
+  batch = next(iter(make_train_loader(src, batch_size=16, seed=0, shard_index=0, shard_count=1, clip=clip)))
+  assert "right" in {synthetic.motion_direction(v) for v in batch["video"]}
+
+
 @pytest.mark.parametrize("trail", [False, True])
 def test_object_color(trail):
   # Every palette colour on dark, light and textured backgrounds, every shape and direction.
