@@ -1,21 +1,24 @@
-"""Does the motion module move things as prompted? Direction accuracy on the synthetic vocabulary.
+"""Does the motion module animate coherently, and do the MotionLoRAs steer it? Measured on frames.
 
-  python bench/motion_eval.py                       # the built-in tiny model
-  python bench/motion_eval.py --ckpt DIR --seeds 3
+  python bench/motion_eval.py                        # the built-in tiny model and its MotionLoRAs
+  python bench/motion_eval.py --ckpt DIR --motion-lora left=LORA_DIR ... --seeds 3
 
-Samples "a {color} {shape} moving {direction}" for every colour x shape x direction (x seeds),
-finds the object in each frame (the saturated pixels: every palette colour is saturated, every
-background grey, so a wrong hue does not hide the motion) and fits its displacement; a sample
-counts as correct when the dominant direction equals the prompt's (a static or missing object
-counts as wrong). The baseline is the same model with the motion modules removed (the frozen
-image model alone: frames are denoised independently). Also reported: how often the object has
-the prompted colour (`object_color`: an object-sized saturated region whose hue is the prompt's,
-so noise does not count). Appends the figures and the command to bench/RESULTS.md.
+Samples "a {color} {shape}" for every colour x shape (x seeds) and tracks the object in each
+frame colour-blind (`synthetic.clip_coherence`: the saturated pixels; every palette colour is
+saturated, every background grey):
+- coherence: one object of stable size in >= 14 of 16 frames, a mostly monotone path with a
+  clear displacement and no jumps; with the motion module vs the frozen image model alone
+  (frames denoised independently);
+- direction: with each MotionLoRA at --alpha, the share of clips moving the LoRA's way; without
+  one, the distribution of directions;
+- colour: the share of clips whose object has the prompted colour (`synthetic.object_color`) in
+  at least half the frames.
+Appends one row per model variant, with the command, to bench/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import collections
 import itertools
 import os
 import sys
@@ -25,82 +28,101 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
-from adiff_jax.data.synthetic import (COLORS, DIRECTIONS, SHAPES, caption_for, motion_direction,
-                                      object_color)
-from adiff_jax.pipeline import Pipeline, SamplingConfig
-from adiff_jax.train.state import split
+from adiff_jax import builtin, model_dir
+from adiff_jax.data.synthetic import COLORS, DIRECTIONS, SHAPES, clip_coherence, object_color
+from adiff_jax.motion_module import image_model_alone
+from adiff_jax.sampling import Pipeline, SamplingConfig
 from bench.results import add_row, command
 
+SECTION = "Motion evaluation (bench/motion_eval.py)"
+HEADER = """Each clip is tracked colour-blind (`synthetic.clip_coherence`). Coherent: one object of
+stable size in >= 14 of 16 frames, mostly monotone path, clear displacement, no jumps. Direction:
+share of clips moving the MotionLoRA's way (without a LoRA: the distribution). Colour: the
+object has the prompted colour in at least half the frames.
 
-def image_model_alone(cfg, params: dict):
-  """(ModelConfig, params) of the frozen image model: the motion modules removed."""
-  return (dataclasses.replace(cfg, motion=None),
-          dict(params, unet=split(params["unet"], lambda p: "motion_modules_" in p)[1]))
+| date | model | clips | coherent | direction | prompted colour | command |
+|---|---|---|---|---|---|---|"""
 
 
-def evaluate(pipe: Pipeline, cases, sc: SamplingConfig, batch: int) -> dict:
-  """Direction accuracy, rate of moving objects found, rate of prompted colour, predictions."""
-  preds, colored = [], []
+def sample_clips(pipe: Pipeline, cases, sc: SamplingConfig, batch: int, template: str) -> list[np.ndarray]:
+  """uint8 videos (F, H, W, 3), one per (color, shape, seed) case."""
+  videos = []
   for i in range(0, len(cases), batch):
     chunk = cases[i:i + batch]
-    prompts = [caption_for(c, s, d) for c, s, d, _ in chunk]
+    prompts = [template.format(color=c, shape=s) for c, s, _ in chunk]
     frames = pipe(prompts, [""] * len(chunk), [seed for *_, seed in chunk], sc, progress=False)
-    for (color, _, _, _), video in zip(chunk, frames):
-      video = np.rint(np.asarray(video) * 255).astype(np.uint8)
-      preds.append(motion_direction(video))
-      # An object-sized region of the prompted colour in at least half the frames.
-      colored.append(sum(object_color(f) == color for f in video) >= len(video) / 2)
-  n = len(cases)
-  return {"accuracy": sum(p == d for p, (_, _, d, _) in zip(preds, cases)) / n,
-          "moving": sum(p is not None for p in preds) / n, "color": sum(colored) / n,
-          "preds": preds}
+    videos += [np.rint(np.asarray(v) * 255).astype(np.uint8) for v in frames]
+  return videos
+
+
+def score(videos, cases) -> dict:
+  tracks = [clip_coherence(v) for v in videos]
+  coherent = [t for t in tracks if t["coherent"]]
+  colored = [sum(object_color(f) == c for f in v) >= len(v) / 2 for v, (c, _, _) in zip(videos, cases)]
+  return {"n": len(videos), "coherent": len(coherent) / len(videos),
+          # Directions of coherent clips only: an incoherent clip has no direction to speak of.
+          "directions": collections.Counter(t["direction"] for t in coherent),
+          "color": float(np.mean(colored)),
+          "reasons": collections.Counter(t["reason"].split(" (")[0] for t in tracks if not t["coherent"])}
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--ckpt", default=None, help="Orbax model dir (default: the built-in tiny model)")
-  ap.add_argument("--seeds", type=int, default=1, help="seeds per (colour, shape, direction)")
+  ap.add_argument("--ckpt", default=None, help="model dir (default: the built-in tiny model)")
+  ap.add_argument("--motion-lora", action="append", default=None, metavar="DIRECTION=SPEC",
+                  help="the direction a MotionLoRA (model dir, or builtin:left etc.) should give "
+                       "(default: the built-in model's four)")
+  ap.add_argument("--alpha", type=float, default=1.0, help="MotionLoRA strength")
+  ap.add_argument("--seeds", type=int, default=3, help="seeds per (colour, shape)")
   ap.add_argument("--colors", default=",".join(COLORS), help="comma-separated subset")
+  ap.add_argument("--template", default="a {color} {shape}", help="prompt template")
   ap.add_argument("--steps", type=int, default=25)
   ap.add_argument("--frames", type=int, default=16)
   ap.add_argument("--size", type=int, default=64)
   ap.add_argument("--guidance-scale", type=float, default=7.5)
-  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--batch", type=int, default=9)
+  ap.add_argument("--no-baseline", action="store_true", help="skip the image-model-alone row")
   ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
   args = ap.parse_args()
 
-  import sample
-  cfg, params, lora, desc = sample.load_model(sample.parse_args(["--ckpt", args.ckpt] if args.ckpt else []))
+  def load(motion_loras=()):
+    if args.ckpt is None:
+      return builtin.load(None, motion_loras)
+    return model_dir.load(args.ckpt, motion_loras=motion_loras)
+
+  cfg, params, _, _ = load()
+  name = args.ckpt or "builtin"
+  if args.motion_lora is not None:
+    loras = dict(s.split("=", 1) for s in args.motion_lora)
+  else:
+    loras = {d: f"builtin:{d}" for d in builtin.MOTION_LORAS} if args.ckpt is None else {}
+  if cfg.motion is None:
+    sys.exit(f"{name} has no motion module to evaluate")
+
   sc = SamplingConfig(frames=args.frames, height=args.size, width=args.size, steps=args.steps,
                       guidance_scale=args.guidance_scale)
-  colors = args.colors.split(",")
-  cases = [(c, s, d, 1000 * k + i) for i, (c, s, d) in enumerate(itertools.product(colors, SHAPES, DIRECTIONS))
+  cases = [(c, s, 1000 * k + i) for i, (c, s) in enumerate(itertools.product(args.colors.split(","), SHAPES))
            for k in range(args.seeds)]
-  print(f"model: {desc}\n{len(cases)} samples: {len(colors)} colours x {len(SHAPES)} shapes x "
-        f"{len(DIRECTIONS)} directions x {args.seeds} seeds")
+  print(f"model: {name}\n{len(cases)} clips per variant: colours x {len(SHAPES)} shapes x {args.seeds} seeds")
+  variants = [("motion module", cfg, params, None, None)]
+  if not args.no_baseline:
+    variants.append(("image model alone", *image_model_alone(cfg, params), None, None))
+  for d, spec in loras.items():
+    _, _, lora, _ = load([(spec, args.alpha)])
+    variants.append((f"MotionLoRA {d} (alpha {args.alpha:g})", cfg, params, lora, d))
 
-  if cfg.motion is None:
-    sys.exit(f"{desc} has no motion module to evaluate")
   t0 = time.perf_counter()
-  results = {}
-  for name, model, p, lo in [
-      ("with motion module", cfg, params, lora),
-      ("image model alone", *image_model_alone(cfg, params), None)]:
-    r = results[name] = evaluate(Pipeline(model, p, lora=lo), cases, sc, args.batch)
-    per_dir = ", ".join(f"{d} {np.mean([q == d for q, c in zip(r['preds'], cases) if c[2] == d]):.0%}"
-                        for d in DIRECTIONS)
-    print(f"{name + ':':20s} direction accuracy {r['accuracy']:.1%} ({per_dir}); moving object "
-          f"found in {r['moving']:.1%}; prompted colour in {r['color']:.1%}")
-  print(f"chance: {1 / len(DIRECTIONS):.0%}; {time.perf_counter() - t0:.0f} s")
-
-  mm, base = results["with motion module"], results["image model alone"]
-  row = (f"| {time.strftime('%Y-%m-%d')} | {args.ckpt or desc.split(' (')[0]} | {len(cases)} x "
-         f"{args.frames}f, {args.steps} steps, cfg {args.guidance_scale} | {mm['accuracy']:.1%} | "
-         f"{base['accuracy']:.1%} | {1 / len(DIRECTIONS):.0%} | {mm['color']:.0%} / {base['color']:.0%} | "
-         f"`{command(__file__)}` |")
-  add_row(args.results, "Motion evaluation (bench/motion_eval.py)",
-          "| date | model | samples | direction accuracy, motion module | image model alone | chance | "
-          "prompted colour (mm / alone) | command |\n|---|---|---|---|---|---|---|---|", row)
+  for label, c, p, lora, want in variants:
+    r = score(sample_clips(Pipeline(c, p, lora=lora), cases, sc, args.batch, args.template), cases)
+    dist = ", ".join(f"{d} {r['directions'].get(d, 0) / r['n']:.0%}" for d in DIRECTIONS)
+    direction = (f"{r['directions'].get(want, 0) / r['n']:.0%} {want}" if want else dist)
+    print(f"{label + ':':34s} coherent {r['coherent']:.0%}; direction {direction}; prompted colour "
+          f"{r['color']:.0%}; failures {dict(r['reasons'])}")
+    row = (f"| {time.strftime('%Y-%m-%d')} | {name}: {label} | {r['n']} x {args.frames}f, {args.steps} steps, "
+           f"cfg {args.guidance_scale:g} | {r['coherent']:.0%} | {direction} | {r['color']:.0%} | "
+           f"`{command(__file__)}` |")
+    add_row(args.results, SECTION, HEADER, row)
+  print(f"{time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

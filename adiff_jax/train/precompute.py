@@ -184,7 +184,7 @@ def _manifest(cfg, base, clip, shards, skipped, num, text, seed, to_dict) -> dic
   }
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", required=True, help="training YAML (its data + model are used)")
   p.add_argument("--out", required=True, help="output folder (must not exist)")
@@ -199,7 +199,10 @@ def main(argv=None) -> None:
   m = precompute(cfg, a.out, num_examples=a.num_examples, text=a.text, batch_size=a.batch_size,
                  shard_size=a.shard_size, seed=a.seed)
   print(f"wrote {m['num_records']} records ({m['skipped'] or 'none'} skipped) to {a.out}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  import sys
+  from adiff_jax.errors import run_cli
+  sys.exit(run_cli(main))
