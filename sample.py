@@ -74,7 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--fps", type=int, default=8)
   ap.add_argument("--config", help="official AnimateDiff prompt-config YAML")
   ap.add_argument("--mesh-frames", type=int, default=1, help="devices along the frames axis")
-  ap.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "adiff_jax"))
+  ap.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "adiff_jax"),
+                  help="where PyTorch files converted on the fly are cached")
+  ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                  help="persistent XLA compilation cache (default ~/.cache/adiff_jax/xla): a second "
+                       "run with the same shapes compiles nothing")
+  ap.add_argument("--no-compile-cache", action="store_true", help="do not use the compilation cache")
   return ap.parse_args(argv)
 
 
@@ -287,6 +292,12 @@ def _slug(text: str, n: int = 40) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  stats = None
+  if not args.no_compile_cache:
+    from adiff_jax import compile_cache
+    where = compile_cache.enable(args.compile_cache or compile_cache.default_dir())
+    print(f"XLA compilation cache: {where} (--no-compile-cache turns it off)")
+    stats = compile_cache.CacheStats()
   out_dir = os.path.join(args.out, time.strftime("sample-%Y%m%d-%H%M%S"))
   runs = [args]
   if args.config:
@@ -295,6 +306,8 @@ def main(argv=None) -> int:
   for i, a in enumerate(runs):
     written += run(a, out_dir if len(runs) == 1 else os.path.join(out_dir, str(i)))
   print("wrote:\n  " + "\n  ".join(written))
+  if stats is not None:
+    print(f"compilation: {stats}")
   return 0
 
 

@@ -17,7 +17,7 @@ from adiff_jax.clip_text import CLIPTextModel
 from adiff_jax.errors import InputError
 from adiff_jax.model import ModelConfig, PARTS
 from adiff_jax.params import dtype as dtype_of
-from adiff_jax.schedulers import NoiseSchedule, SAMPLERS, make_sampler, sample
+from adiff_jax.schedulers import NoiseSchedule, SAMPLERS, make_sampler, sample, sample_init, sample_step
 from adiff_jax.tokenizer import CLIPTokenizer
 from adiff_jax.unet import UNet3D
 from adiff_jax.vae import AutoencoderKL, decode_video
@@ -153,39 +153,39 @@ def _encode_text(model, params, ids, clip_skip):
 
 
 def _make_loop(unet: UNet3D, sampler, progress: bool):
-  """Jitted (unet_params, lora, noise, cond, uncond, guidance, key) -> latents."""
-  pbar = _ProgressBar(sampler.num_steps) if progress else None
+  """(unet_params, lora, noise, cond, uncond, guidance, key) -> latents.
 
-  def loop(params, lora, noise, cond, uncond, guidance, key):
+  Without progress: the whole loop is one jitted `lax.scan`. With progress: one jitted step
+  driven from the host, which advances the bar between steps; nothing calls back to the host
+  from inside a compiled program, so every program stays in the persistent compilation cache.
+  """
+  def guided_eps(params, lora, cond, uncond, guidance):
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
     ctx = jnp.concatenate([uncond, cond]).astype(unet.dtype)   # (2B, 77, D): CFG in one batch
 
     def eps_fn(x, t):
-      if pbar is not None:
-        jax.debug.callback(pbar.update, t)
       xx = jnp.concatenate([x, x]).astype(unet.dtype)          # (2B, F, h, w, C)
       out = unet.apply(variables, xx, jnp.broadcast_to(t, (xx.shape[0],)), ctx)
       e_uncond, e_cond = jnp.split(out.astype(jnp.float32), 2)
       return e_uncond + guidance * (e_cond - e_uncond)
+    return eps_fn
 
+  def whole(params, lora, noise, cond, uncond, guidance, key):
+    eps_fn = guided_eps(params, lora, cond, uncond, guidance)
     return sample(sampler, eps_fn, noise, key=key if sampler.eta else None)
 
-  return jax.jit(loop)
+  if not progress:
+    return jax.jit(whole)
 
+  init = jax.jit(lambda noise, key: sample_init(sampler, noise, key=key if sampler.eta else None))
+  step = jax.jit(lambda params, lora, x, state, cond, uncond, guidance, i: sample_step(
+      sampler, guided_eps(params, lora, cond, uncond, guidance), x, state, i))
 
-class _ProgressBar:
-  """tqdm on the host, advanced from inside the compiled loop by `jax.debug.callback`."""
-
-  def __init__(self, total: int):
-    self.total, self.bar = total, None
-
-  def update(self, t):
+  def stepwise(params, lora, noise, cond, uncond, guidance, key):
     from tqdm.auto import tqdm
-    if self.bar is None or self.bar.n >= self.total:
-      if self.bar is not None:
-        self.bar.close()
-      self.bar = tqdm(total=self.total, desc="denoising", unit="step", leave=False)
-    self.bar.update(1)
-    self.bar.set_postfix(t=int(t))
-    if self.bar.n >= self.total:
-      self.bar.close()
+    x, state = init(noise, key)
+    for i in tqdm(range(sampler.num_steps), desc="denoising", unit="step", leave=False):
+      x, state = step(params, lora, x, state, cond, uncond, guidance, jnp.int32(i))
+    return x
+
+  return stepwise

@@ -384,21 +384,26 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, eta: flo
                  init_noise_sigma=sigma0, tables=tables, eta=float(eta))
 
 
-def sample(sampler: Sampler, eps_fn: Callable, noise, *, key: Optional[jax.Array] = None):
-  """Whole denoising loop as one `lax.scan`: eps_fn(x_in, t) -> model output. Returns x_0.
-
-  `noise` is standard normal; it is scaled by `init_noise_sigma` here. jit the caller (or this
-  with `sampler` static / closed over).
-  """
+def sample_init(sampler: Sampler, noise, *, key: Optional[jax.Array] = None):
+  """(x, state) before the first step: `noise` (standard normal) times `init_noise_sigma`."""
   x = (noise.astype(jnp.float32) * sampler.init_noise_sigma).astype(noise.dtype)
-  state = sampler.init_state(noise.shape, key=key)
+  return x, sampler.init_state(noise.shape, key=key)
 
-  def body(carry, i):
-    x, state = carry
-    eps = eps_fn(sampler.scale_model_input(state, x, i), sampler.timestep(i))
-    return sampler.step(state, eps, i, x), None
 
-  (x, _), _ = jax.lax.scan(body, (x, state), jnp.arange(sampler.num_steps))
+def sample_step(sampler: Sampler, eps_fn: Callable, x, state, i):
+  """One denoising step i (may be traced): eps_fn(x_in, t) -> model output. Returns (x, state)."""
+  eps = eps_fn(sampler.scale_model_input(state, x, i), sampler.timestep(i))
+  return sampler.step(state, eps, i, x)
+
+
+def sample(sampler: Sampler, eps_fn: Callable, noise, *, key: Optional[jax.Array] = None):
+  """Whole denoising loop as one `lax.scan` of `sample_step`. Returns x_0.
+
+  jit the caller (or this with `sampler` static / closed over).
+  """
+  carry = sample_init(sampler, noise, key=key)
+  (x, _), _ = jax.lax.scan(lambda c, i: (sample_step(sampler, eps_fn, *c, i), None), carry,
+                           jnp.arange(sampler.num_steps))
   return x
 
 

@@ -138,3 +138,21 @@ def test_sharded_pipeline_8_devices_equals_single_device():
                      text=True, timeout=900)
   assert r.returncode == 0, r.stdout + r.stderr
   print(r.stdout)
+
+
+def test_progress_loop_equals_the_scan():
+  """With a progress bar the loop is one compiled step driven from the host (no host callback in
+  compiled code, so it can be cached); it must give the scan's result."""
+  from adiff_jax.model import ModelConfig, random_params
+  from adiff_jax.sampling import Pipeline, SamplingConfig
+  import jax
+  cfg = ModelConfig.tiny()
+  params = random_params(cfg, seed=1)
+  params["unet"] = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.05 if "proj_out" in str(p) and "motion_modules" in str(p) else v, params["unet"])
+  pipe = Pipeline(cfg, params)
+  for scheduler in ("dpmpp_2m",):   # a multistep sampler: its state goes through the host loop too
+    sc = SamplingConfig(frames=4, height=32, width=32, steps=3, scheduler=scheduler)
+    a = pipe(["a red circle"], [""], [3], sc, progress=False)
+    b = pipe(["a red circle"], [""], [3], sc, progress=True)
+    np.testing.assert_allclose(a, b, atol=2e-5)

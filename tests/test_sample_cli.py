@@ -125,3 +125,22 @@ def test_help_lists_options():
   for opt in ("--ckpt", "--negative-prompt", "--frames", "--scheduler", "--motion-lora",
               "--domain-adapter", "--dtype", "--fps", "--config", "--num-samples"):
     assert opt in r.stdout
+
+
+def test_persistent_compilation_cache(tmp_path):
+  """A second run with the same shapes compiles nothing; --no-compile-cache leaves no cache."""
+  def run(*extra):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *FAST, "--ckpt", "builtin:random",
+                        "--prompt", "a red circle", "--seed", "1", "--out", str(tmp_path / "o"), *extra],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+  cache = str(tmp_path / "xla")
+  first = run("--compile-cache", cache)
+  assert f"XLA compilation cache: {cache}" in first
+  compiled = int(first.split("cache hits, ")[1].split(" compiled")[0])
+  assert compiled > 0 and os.listdir(cache)
+  second = run("--compile-cache", cache)
+  assert "cache hits, 0 compiled" in second, second
+  off = run("--no-compile-cache", "--compile-cache", str(tmp_path / "unused"))
+  assert "compilation cache" not in off and not os.path.exists(tmp_path / "unused")
