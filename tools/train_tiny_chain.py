@@ -8,6 +8,7 @@ stage's exported model dir:
   tiny_vae         the VAE as an autoencoder                      configs/training/tiny_vae.yaml
   tiny_image       the image model (UNet + text encoder, frames)  configs/training/tiny_image.yaml
   tiny             the motion module on 16-frame clips            configs/training/tiny.yaml
+  tiny_more        the same motion module, 3x the batch           configs/training/tiny_motion_more.yaml
   tiny_lora_DIR    one MotionLoRA per direction (left, right, up, down), on clips that move that
                    way only                                       configs/training/tiny_motion_lora.yaml
 then `tools/ship_tiny_model.py` packs base + motion module + MotionLoRAs into
@@ -32,9 +33,10 @@ def stages(runs: str) -> list[tuple[str, str, list[str]]]:
     return f"model={os.path.join(runs, name, 'export', 'model')}"
   out = [("tiny_vae", "configs/training/tiny_vae.yaml", []),
          ("tiny_image", "configs/training/tiny_image.yaml", [model("tiny_vae")]),
-         ("tiny", "configs/training/tiny.yaml", [model("tiny_image")])]
+         ("tiny", "configs/training/tiny.yaml", [model("tiny_image")]),
+         ("tiny_more", "configs/training/tiny_motion_more.yaml", [model("tiny")])]
   out += [(f"tiny_lora_{d}", "configs/training/tiny_motion_lora.yaml",
-           [model("tiny"), f"data.synthetic_directions=[{d}]"]) for d in DIRECTIONS]
+           [model("tiny_more"), f"data.synthetic_directions=[{d}]"]) for d in DIRECTIONS]
   return [(name, cfg, ov + [f"output_dir={os.path.join(runs, name)}"]) for name, cfg, ov in out]
 
 
