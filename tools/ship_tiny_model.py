@@ -3,8 +3,8 @@ plus TRAINING.md, which records the command, configs, commit and per-stage figur
 
   python tools/ship_tiny_model.py --runs runs      # after tools/train_tiny_chain.py --no-ship
 
-Reads the chain's run dirs (tiny_vae, tiny_image, tiny, tiny_lora_<direction>, each with
-metrics.jsonl) and ships <runs>/tiny/export/model (base + motion module) with the four
+Reads the chain's run dirs (tiny_vae, tiny_image, tiny, tiny_more, tiny_lora_<direction>, each with
+metrics.jsonl) and ships <runs>/tiny_more/export/model (base + motion module) with the four
 MotionLoRAs under motion_loras/<direction>. The output directory is replaced atomically.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ from adiff_jax.params import cast_tree  # noqa: E402
 STAGES = [("tiny_vae", "configs/training/tiny_vae.yaml", "the tiny VAE as an autoencoder"),
           ("tiny_image", "configs/training/tiny_image.yaml",
            "the image model (\"personalised T2I\"): UNet + text encoder on single frames"),
-          ("tiny", "configs/training/tiny.yaml", "the motion module on 16-frame clips, base frozen")]
+          ("tiny", "configs/training/tiny.yaml", "the motion module on 16-frame clips, base frozen"),
+          ("tiny_more", "configs/training/tiny_motion_more.yaml", "the same motion module, 3x the batch")]
 STAGES += [(f"tiny_lora_{d}", "configs/training/tiny_motion_lora.yaml",
             f"MotionLoRA `{d}`: clips moving {d} only, base and motion module frozen")
            for d in MOTION_LORAS]
@@ -55,7 +56,9 @@ def training_md(runs: str, commit: str) -> str:
     s = stage_summary(os.path.join(runs, name))
     total += s["minutes"]
     lines.append(f"| {name} | `{cfg}` | {what} | {s['steps']} | {s['minutes']:.1f} | {s['loss']:.4f} |")
-  lines += ["", f"Total: {total:.0f} minutes. Figures: `python bench/motion_eval.py` (bench/RESULTS.md).", ""]
+  lines += ["", f"Total: {total:.0f} minutes of wall-clock time (compilation included; the machine also "
+            "ran other work, tests and evaluations, during the chain, so a quiet machine is faster). "
+            "Figures: `python bench/motion_eval.py` (bench/RESULTS.md).", ""]
   return "\n".join(lines)
 
 
@@ -66,7 +69,7 @@ def main():
   ap.add_argument("--commit", help="commit that trained the model (default: HEAD)")
   args = ap.parse_args()
 
-  src = os.path.join(args.runs, "tiny", "export", "model")
+  src = os.path.join(args.runs, "tiny_more", "export", "model")
   items, meta = model_dir.load_items(src)
   items = {k: cast_tree(v, "fp16") for k, v in items.items()}
   meta = dict(meta, dtype="fp16")
