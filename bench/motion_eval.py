@@ -71,7 +71,7 @@ def main():
   ap.add_argument("--ckpt", default=None, help="model dir (default: the built-in tiny model)")
   ap.add_argument("--motion-lora", action="append", default=None, metavar="DIRECTION=SPEC",
                   help="the direction a MotionLoRA (model dir, or builtin:left etc.) should give "
-                       "(default: the built-in model's four)")
+                       "(default: the built-in model's four; `none`: no MotionLoRA rows)")
   ap.add_argument("--alpha", type=float, default=1.0, help="MotionLoRA strength")
   ap.add_argument("--seeds", type=int, default=3, help="seeds per (colour, shape)")
   ap.add_argument("--colors", default=",".join(COLORS), help="comma-separated subset")
@@ -92,7 +92,9 @@ def main():
 
   cfg, params, _, _ = load()
   name = args.ckpt or "builtin"
-  if args.motion_lora is not None:
+  if args.motion_lora == ["none"]:
+    loras = {}
+  elif args.motion_lora is not None:
     loras = dict(s.split("=", 1) for s in args.motion_lora)
   else:
     loras = {d: f"builtin:{d}" for d in builtin.MOTION_LORAS} if args.ckpt is None else {}
