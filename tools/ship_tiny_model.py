@@ -3,8 +3,8 @@ plus TRAINING.md, which records the command, configs, commit and per-stage figur
 
   python tools/ship_tiny_model.py --runs runs      # after tools/train_tiny_chain.py --no-ship
 
-Reads the chain's run dirs (tiny_vae, tiny_image, tiny, tiny_more, tiny_lora_<direction>, each with
-metrics.jsonl) and ships <runs>/tiny_more/export/model (base + motion module) with the four
+Reads the chain's run dirs (tools/train_tiny_chain.STAGES, each with metrics.jsonl) and ships
+<runs>/<MOTION_STAGE>/export/model (base + motion module) with the four
 MotionLoRAs under motion_loras/<direction>. The output directory is replaced atomically.
 """
 from __future__ import annotations
@@ -22,16 +22,7 @@ sys.path.insert(0, ROOT)
 from adiff_jax import model_dir  # noqa: E402
 from adiff_jax.builtin import MOTION_LORAS, TRAINED_DIR  # noqa: E402
 from adiff_jax.params import cast_tree  # noqa: E402
-
-STAGES = [("tiny_vae", "configs/training/tiny_vae.yaml", "the tiny VAE as an autoencoder"),
-          ("tiny_image", "configs/training/tiny_image.yaml",
-           "the image model (\"personalised T2I\"): UNet + text encoder on single frames"),
-          ("tiny", "configs/training/tiny.yaml", "the motion module on 16-frame clips, base frozen"),
-          ("tiny_more", "configs/training/tiny_motion_more.yaml", "the same motion module, 3x the batch")]
-STAGES += [(f"tiny_lora_{d}", "configs/training/tiny_motion_lora.yaml",
-            f"MotionLoRA `{d}`: clips moving {d} only, base and motion module frozen")
-           for d in MOTION_LORAS]
-
+from tools.train_tiny_chain import MOTION_STAGE, STAGES  # noqa: E402
 
 def stage_summary(run_dir: str) -> dict:
   """Steps, minutes (first step's start, compile included, to the last log line: validation and
@@ -52,7 +43,7 @@ def training_md(runs: str, commit: str) -> str:
            "`tools/ship_tiny_model.py` (weights cast to fp16; LoRA scales kept in f32).", "",
            "| stage | config | what it trains | steps | minutes | final loss |", "|---|---|---|---|---|---|"]
   total = 0.0
-  for name, cfg, what in STAGES:
+  for name, cfg, _, what in STAGES:
     s = stage_summary(os.path.join(runs, name))
     total += s["minutes"]
     lines.append(f"| {name} | `{cfg}` | {what} | {s['steps']} | {s['minutes']:.1f} | {s['loss']:.4f} |")
@@ -69,7 +60,7 @@ def main():
   ap.add_argument("--commit", help="commit that trained the model (default: HEAD)")
   args = ap.parse_args()
 
-  src = os.path.join(args.runs, "tiny_more", "export", "model")
+  src = os.path.join(args.runs, MOTION_STAGE, "export", "model")
   items, meta = model_dir.load_items(src)
   items = {k: cast_tree(v, "fp16") for k, v in items.items()}
   meta = dict(meta, dtype="fp16")

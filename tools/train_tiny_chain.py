@@ -9,6 +9,7 @@ stage's exported model dir:
   tiny_image       the image model (UNet + text encoder, frames)  configs/training/tiny_image.yaml
   tiny             the motion module on 16-frame clips            configs/training/tiny.yaml
   tiny_more        the same motion module, 3x the batch           configs/training/tiny_motion_more.yaml
+  tiny_long        the same motion module, batch 8, many steps    configs/training/tiny_motion_long.yaml
   tiny_lora_DIR    one MotionLoRA per direction (left, right, up, down), on clips that move that
                    way only                                       configs/training/tiny_motion_lora.yaml
 then `tools/ship_tiny_model.py` packs base + motion module + MotionLoRAs into
@@ -27,17 +28,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIRECTIONS = ("left", "right", "up", "down")
 
 
+# (run name, config, the run whose export it starts from, what it trains): the one stage table,
+# also read by tools/ship_tiny_model.py. MOTION_STAGE is the run whose model ships.
+STAGES = [("tiny_vae", "configs/training/tiny_vae.yaml", None, "the tiny VAE as an autoencoder"),
+          ("tiny_image", "configs/training/tiny_image.yaml", "tiny_vae",
+           "the image model (\"personalised T2I\"): UNet + text encoder on single frames"),
+          ("tiny", "configs/training/tiny.yaml", "tiny_image", "the motion module on 16-frame clips, base frozen"),
+          ("tiny_more", "configs/training/tiny_motion_more.yaml", "tiny", "the same motion module, 3x the batch"),
+          ("tiny_long", "configs/training/tiny_motion_long.yaml", "tiny_more",
+           "the same motion module, batch 8, 4x the steps, learning rate decayed")]
+MOTION_STAGE = "tiny_long"
+STAGES += [(f"tiny_lora_{d}", "configs/training/tiny_motion_lora.yaml", MOTION_STAGE,
+            f"MotionLoRA `{d}`: clips moving {d} only, base and motion module frozen") for d in DIRECTIONS]
+
+
 def stages(runs: str) -> list[tuple[str, str, list[str]]]:
   """(run name, config, overrides) in training order."""
-  def model(name):
-    return f"model={os.path.join(runs, name, 'export', 'model')}"
-  out = [("tiny_vae", "configs/training/tiny_vae.yaml", []),
-         ("tiny_image", "configs/training/tiny_image.yaml", [model("tiny_vae")]),
-         ("tiny", "configs/training/tiny.yaml", [model("tiny_image")]),
-         ("tiny_more", "configs/training/tiny_motion_more.yaml", [model("tiny")])]
-  out += [(f"tiny_lora_{d}", "configs/training/tiny_motion_lora.yaml",
-           [model("tiny_more"), f"data.synthetic_directions=[{d}]"]) for d in DIRECTIONS]
-  return [(name, cfg, ov + [f"output_dir={os.path.join(runs, name)}"]) for name, cfg, ov in out]
+  out = []
+  for name, cfg, parent, _ in STAGES:
+    ov = [] if parent is None else [f"model={os.path.join(runs, parent, 'export', 'model')}"]
+    if name.startswith("tiny_lora_"):
+      ov.append(f"data.synthetic_directions=[{name[len('tiny_lora_'):]}]")
+    out.append((name, cfg, ov + [f"output_dir={os.path.join(runs, name)}"]))
+  return out
 
 
 def main(argv=None) -> int:
