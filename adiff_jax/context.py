@@ -5,7 +5,8 @@ A video longer than the motion module's window is denoised as overlapping window
 frame's noise prediction is the weighted mean of the predictions of the windows that hold it.
 
 Schedules (`windows`) are plain Python/numpy and depend only on (num_frames, step, config), so
-they are static under `jax.jit`. Fusion (`windowed_eps`, `windowed_eps_batched`) is JAX.
+they are static under `jax.jit`; `plan_windows` turns all steps' windows into arrays a jitted
+loop indexes with the (traced) step. Fusion (`windowed_eps`, `fused_eps`) is JAX.
 
 Schedules, as in AnimateDiff-Evolved `animatediff/context.py`:
 - "uniform": Comfy's "standard_uniform". Windows of `L` frames start `L - overlap` apart,
@@ -32,6 +33,7 @@ import dataclasses
 import operator
 from typing import Any, Callable, List
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -192,6 +194,23 @@ def fusion_weights(length: int, fuse: str = "pyramid") -> np.ndarray:
   return np.minimum(pos + 1, length - pos).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class WindowPlan:
+  """Every step's windows as static arrays, so a jitted loop can pick them with a traced step.
+
+  index (S, W, L) int32 frame indices; weight (S, W, L) float32 fusion weights; total (S, N) the
+  per-frame sums of weights. Steps with fewer windows than W are padded with copies of their
+  first window at weight 0, so W is a multiple of the windows computed per UNet call.
+  """
+  index: np.ndarray
+  weight: np.ndarray
+  total: np.ndarray
+
+  @property
+  def num_windows(self) -> int:
+    return self.index.shape[1]
+
+
 def _plan(num_frames: int, step: int, cfg: ContextConfig):
   """(windows as an int array (W, L), per-window weights (L,), per-frame weight totals (N,))."""
   idx = np.asarray(windows(num_frames, step, cfg), np.int32)
@@ -199,6 +218,24 @@ def _plan(num_frames: int, step: int, cfg: ContextConfig):
   total = np.zeros((num_frames,), np.float32)
   np.add.at(total, idx, np.broadcast_to(w, idx.shape))
   return idx, w, total
+
+
+def plan_windows(num_frames: int, num_steps: int, cfg: ContextConfig, group: int = 1) -> WindowPlan:
+  """The windows of steps 0..num_steps-1, padded to a common count that `group` divides."""
+  if group < 1:
+    raise InputError(f"windows per UNet call must be >= 1, got {group}")
+  plans = [_plan(num_frames, s, cfg) for s in range(num_steps)]
+  n_win = max(p[0].shape[0] for p in plans)
+  n_win = -(-n_win // group) * group
+  length = plans[0][0].shape[1]
+  index = np.zeros((num_steps, n_win, length), np.int32)
+  weight = np.zeros((num_steps, n_win, length), np.float32)
+  total = np.stack([p[2] for p in plans])
+  for s, (idx, w, _) in enumerate(plans):
+    index[s] = idx[0]                 # padding: the first window again, at weight 0
+    index[s, :len(idx)] = idx
+    weight[s, :len(idx)] = w
+  return WindowPlan(index, weight, total)
 
 
 def _bcast(v, ndim: int):
@@ -211,21 +248,22 @@ def _per_frame_context(context, num_frames: int) -> bool:
 
 
 def windowed_eps(eps_fn: Callable[[Any, Any], Any], x, context, step: int, cfg: ContextConfig):
-  """Noise prediction for a long video from `eps_fn` run on each context window.
+  """Noise prediction for a long video from `eps_fn` run on each context window: the plain
+  per-window loop, for reading and testing (`fused_eps` is what sampling runs).
 
-  x: (B, F, h, w, C) latents. context: (B, 77, D) text states shared by all frames, or
-  (B, F, 77, D) per frame (then sliced like x). eps_fn(x_win, ctx_win) -> (B, L, h, w, C').
-  Returns (B, F, h, w, C') with each frame the weighted mean over the windows that hold it.
-  One eps_fn call per window (a Python loop); F <= context_length is exactly eps_fn(x, context).
+  x: (B, F, h, w, C) latents. context: a pytree (or None) of text states, each (B, 77, D) shared
+  by all frames, or (B, F, 77, D) per frame (then sliced like x). eps_fn(x_win, ctx_win) ->
+  (B, L, h, w, C'). Returns (B, F, h, w, C') with each frame the weighted mean over the windows
+  that hold it. F <= context_length is exactly eps_fn(x, context).
   """
   num_frames = x.shape[1]
   if num_frames <= cfg.context_length:
     return eps_fn(x, context)
-  per_frame = _per_frame_context(context, num_frames)
   idx, w, total = _plan(num_frames, step, cfg)
   acc, out_dtype = None, None
   for win in idx:
-    eps = eps_fn(x[:, win], context[:, win] if per_frame else context)
+    ctx = jax.tree.map(lambda c: c[:, win] if _per_frame_context(c, num_frames) else c, context)
+    eps = eps_fn(x[:, win], ctx)
     if acc is None:
       out_dtype = eps.dtype
       acc = jnp.zeros((eps.shape[0], num_frames) + eps.shape[2:], jnp.float32)
@@ -233,37 +271,45 @@ def windowed_eps(eps_fn: Callable[[Any, Any], Any], x, context, step: int, cfg: 
   return (acc / _bcast(total, acc.ndim)).astype(out_dtype)
 
 
-def windowed_eps_batched(eps_fn: Callable[[Any, Any], Any], x, context, step: int,
-                         cfg: ContextConfig):
-  """`windowed_eps` with all windows of the step stacked into one eps_fn call.
+def fused_eps(eps_fn: Callable[[Any, Any], Any], x, context, plan: WindowPlan, step,
+              group: int = 1):
+  """`windowed_eps` at step `step` (may be traced) of a `plan_windows` plan, `group` windows
+  per eps_fn call.
 
-  eps_fn sees (W*B, L, h, w, C) latents, window-major (row k*B + b is window k, sample b), with
-  the text context repeated per window, or per-frame context gathered like x. The leading axis
-  is what a device mesh can split to run the windows in parallel. Same result as windowed_eps
-  (up to float summation order); F <= context_length is exactly eps_fn(x, context).
+  eps_fn sees (G*B, L, h, w, C) latents, window-major (row k*B + b: window k of sample b), with
+  shared text repeated per window and per-frame text gathered like x; the leading axis is what
+  a device mesh splits, so the windows of a call run in parallel. The calls run one after the
+  other (`lax.scan`), so the UNet's activations are those of `group` windows, whatever F is.
   """
-  num_frames = x.shape[1]
-  if num_frames <= cfg.context_length:
-    return eps_fn(x, context)
-  batch = x.shape[0]
-  idx, w, total = _plan(num_frames, step, cfg)
-  n_win, length = idx.shape
+  num_frames, batch = x.shape[1], x.shape[0]
+  n_win, length = plan.index.shape[1:]
+  if n_win % group:
+    raise InputError(f"the plan's {n_win} windows do not split into groups of {group}")
+  idx = jnp.asarray(plan.index)[step].reshape(n_win // group, group, length)
+  wts = jnp.asarray(plan.weight)[step].reshape(n_win // group, group, length)
+  total = jnp.asarray(plan.total)[step]
 
-  def stack(a):  # (B, F, ...) -> (W*B, L, ...)
-    g = jnp.moveaxis(a[:, idx], 1, 0)  # (W, B, L, ...)
-    return g.reshape((n_win * batch, length) + a.shape[2:])
+  def stack(a, ix):  # (B, F, ...) -> (G*B, L, ...)
+    g = jnp.moveaxis(a[:, ix], 1, 0)  # (G, B, L, ...)
+    return g.reshape((group * batch, length) + a.shape[2:])
 
-  if _per_frame_context(context, num_frames):
-    ctx = stack(context)
-  elif context is not None:
-    ctx = jnp.broadcast_to(context[None], (n_win,) + context.shape)
-    ctx = ctx.reshape((n_win * batch,) + context.shape[1:])
-  else:
-    ctx = None
-  eps = eps_fn(stack(x), ctx)  # (W*B, L, ...)
-  out_dtype, rest = eps.dtype, eps.shape[2:]
-  eps = eps.reshape((n_win, batch, length) + rest).astype(jnp.float32)
-  eps = eps * jnp.asarray(w).reshape((1, 1, length) + (1,) * len(rest))
-  eps = jnp.moveaxis(eps, 0, 1).reshape((batch, n_win * length) + rest)  # (B, W*L, ...)
-  acc = jnp.zeros((batch, num_frames) + rest, jnp.float32).at[:, idx.reshape(-1)].add(eps)
-  return (acc / _bcast(total, acc.ndim)).astype(out_dtype)
+  def repeat(c):     # (B, ...) -> (G*B, ...)
+    return jnp.broadcast_to(c[None], (group,) + c.shape).reshape((group * batch,) + c.shape[1:])
+
+  def one_call(acc, ix_w):
+    ix, w = ix_w
+    ctx = jax.tree.map(lambda c: stack(c, ix) if _per_frame_context(c, num_frames) else repeat(c),
+                       context)
+    eps = eps_fn(stack(x, ix), ctx)                       # (G*B, L, ...)
+    rest = eps.shape[2:]
+    eps = eps.reshape((group, batch, length) + rest).astype(jnp.float32)
+    eps = eps * w.reshape((group, 1, length) + (1,) * len(rest))
+    eps = jnp.moveaxis(eps, 0, 1).reshape((batch, group * length) + rest)  # (B, G*L, ...)
+    return acc.at[:, ix.reshape(-1)].add(eps)
+
+  # The output's shape and dtype without running the model.
+  out = jax.eval_shape(lambda: eps_fn(stack(x, idx[0]), jax.tree.map(
+      lambda c: stack(c, idx[0]) if _per_frame_context(c, num_frames) else repeat(c), context)))
+  acc = jnp.zeros((batch, num_frames) + out.shape[2:], jnp.float32)
+  acc, _ = jax.lax.scan(lambda a, xs: (one_call(a, xs), None), acc, (idx, wts))
+  return (acc / _bcast(total, acc.ndim)).astype(out.dtype)

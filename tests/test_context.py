@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from adiff_jax import context as ctxm
-from adiff_jax.context import ContextConfig, fusion_weights, windowed_eps, windowed_eps_batched, windows
+from adiff_jax.context import (ContextConfig, fused_eps, fusion_weights, plan_windows, windowed_eps,
+                               windows)
 from adiff_jax.errors import InputError
 
 
@@ -256,6 +257,14 @@ def _toy_eps(xw, cw):
   return xp.sin(xw) * scale + c_term
 
 
+def windowed_eps_batched(eps_fn, x, context, step, c, group=1):
+  """fused_eps on a plan of steps 0..step (the pipeline's form), for one step."""
+  n = x.shape[1]
+  if n <= c.context_length:
+    return eps_fn(x, context)
+  return fused_eps(eps_fn, x, context, plan_windows(n, step + 1, c, group), step, group)
+
+
 def _numpy_fused(x, context, wins, weights):
   """Straightforward reference: per frame, sum of weight * window output over sum of weights."""
   n = x.shape[1]
@@ -301,6 +310,8 @@ def test_fusion_is_not_a_plain_mean():
 
 
 def test_batched_calls_eps_once_window_major():
+  """All windows in one call (group = W): eps sees (W*B, L, ...) rows k*B + b (window k, sample
+  b). The eps adds its row number, so the fused output tells which row held which frames."""
   x, pf, text = _inputs(40)
   c = cfg("uniform")
   wins = windows(40, 2, c)
@@ -308,14 +319,44 @@ def test_batched_calls_eps_once_window_major():
 
   def eps(xw, cw):
     calls.append((xw.shape, cw.shape))
-    # Rows are window-major: row k*B + b holds window k of sample b.
-    np.testing.assert_array_equal(np.asarray(xw[B, :, 0, 0, 0]), np.asarray(wins[1], np.float32))
-    np.testing.assert_array_equal(np.asarray(xw[B + 1]), x[1][wins[1]])
-    np.testing.assert_array_equal(np.asarray(cw[B + 1]), text[1])
-    return xw
+    rows = jnp.arange(xw.shape[0], dtype=xw.dtype).reshape((-1,) + (1,) * (xw.ndim - 1))
+    return xw + rows
 
-  windowed_eps_batched(eps, jnp.asarray(x), jnp.asarray(text), 2, c)
-  assert calls == [((len(wins) * B, 16, H, W, C), (len(wins) * B, T, D))]
+  got = windowed_eps_batched(eps, jnp.asarray(x), jnp.asarray(text), 2, c, group=len(wins))
+  assert calls[-1] == ((len(wins) * B, 16, H, W, C), (len(wins) * B, T, D))
+  num, den = np.zeros((B, 40)), np.zeros(40)
+  for k, win in enumerate(wins):
+    for p, f in enumerate(win):
+      num[:, f] += PYRAMID16[p] * (k * B + np.arange(B))
+      den[f] += PYRAMID16[p]
+  want = x + (num / den)[:, :, None, None, None]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_grouped_windows_and_padding_equal_the_loop(group):
+  """Windows per call (a plan padded with weight-0 windows to a multiple of the group) do not
+  change the result; the plan holds every step's windows for a traced step."""
+  x, pf, _ = _inputs(52)
+  c = cfg("uniform", stride=2)
+  plan = plan_windows(52, 6, c, group)
+  assert plan.num_windows % group == 0
+  f = jax.jit(lambda x, cc, s: fused_eps(_toy_eps, x, cc, plan, s, group))
+  for step in (0, 3, 5):
+    want = windowed_eps(_toy_eps, jnp.asarray(x), jnp.asarray(pf), step, c)
+    got = f(jnp.asarray(x), jnp.asarray(pf), jnp.int32(step))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_context_pytree_is_sliced_per_leaf():
+  """A (uncond, cond) pair, one per-frame and one shared, is sliced leaf by leaf."""
+  x, pf, text = _inputs(40)
+  c = cfg("static")
+  pair_eps = lambda xw, cw: _toy_eps(xw, cw[0]) + _toy_eps(xw, cw[1])
+  want = (windowed_eps(_toy_eps, jnp.asarray(x), jnp.asarray(pf), 0, c)
+          + windowed_eps(_toy_eps, jnp.asarray(x), jnp.asarray(text), 0, c))
+  got = windowed_eps_batched(pair_eps, jnp.asarray(x), (jnp.asarray(pf), jnp.asarray(text)), 0, c, 2)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [16, 9])
