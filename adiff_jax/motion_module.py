@@ -15,6 +15,7 @@ import flax.linen as nn
 from adiff_jax.attention import Attention
 from adiff_jax.errors import InputError
 from adiff_jax.embeddings import motion_positional_encoding
+from adiff_jax.free_noise import FreeNoiseConfig, fuse_windows, stack_windows
 from adiff_jax.layers import GroupNorm
 from adiff_jax.params import merge, split
 from adiff_jax.sharding import DATA, FRAMES, constrain
@@ -70,23 +71,31 @@ class TemporalTransformerBlock(nn.Module):
   """Temporal self-attentions (each: LayerNorm, + pe, attention, residual), then GEGLU FF.
 
   x (B, N, F, C): N spatial positions, each a sequence over F frames.
+  free_noise (FreeNoise, `adiff_jax.free_noise`), with F > its context_length: the attention
+  blocks run on each window of context_length frames (windows stacked as extra rows, positional
+  encoding from 0 in each), the windows are fused per frame, then the feed-forward runs once.
   """
   config: MotionModuleConfig
   attention_impl: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  free_noise: Optional[FreeNoiseConfig] = None
 
   @nn.compact
   def __call__(self, x):
-    b, n, f, c = x.shape
+    b, _, f, c = x.shape
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    pe = jnp.asarray(motion_positional_encoding(cfg.max_len, c)[:, :f], self.dtype)  # (1, F, C)
+    windowed = self.free_noise is not None and f > self.free_noise.context_length
+    h = stack_windows(x, self.free_noise) if windowed else x        # (B, N', F', C)
+    _, n2, f2, _ = h.shape
+    pe = jnp.asarray(motion_positional_encoding(cfg.max_len, c)[:, :f2], self.dtype)  # (1, F', C)
     for i in range(cfg.num_attention_blocks):
-      h = layer_norm(f"norms_{i}", **kw)(x).reshape(b * n, f, c) + pe
-      h = Attention(cfg.num_heads, c // cfg.num_heads, attention_impl=self.attention_impl,
-                    name=f"attention_blocks_{i}", **kw)(h)
-      x = x + h.reshape(b, n, f, c)
+      a = layer_norm(f"norms_{i}", **kw)(h).reshape(b * n2, f2, c) + pe
+      a = Attention(cfg.num_heads, c // cfg.num_heads, attention_impl=self.attention_impl,
+                    name=f"attention_blocks_{i}", **kw)(a)
+      h = h + a.reshape(b, n2, f2, c)
+    x = fuse_windows(h, f, self.free_noise) if windowed else h
     return x + FeedForward(cfg.ff_mult, name="ff", **kw)(layer_norm("ff_norm", **kw)(x))
 
 
@@ -95,12 +104,13 @@ class TemporalTransformer(nn.Module):
 
   (B, F, H, W, C) -> same. Spatial layers shard frames; here every position needs all its
   frames, so the layout switches to (B, H*W, F, C) sharded over positions instead (an
-  all-to-all under a mesh) and back.
+  all-to-all under a mesh) and back. free_noise: FreeNoise windows in every transformer block.
   """
   config: MotionModuleConfig
   attention_impl: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  free_noise: Optional[FreeNoiseConfig] = None
 
   @nn.compact
   def __call__(self, x):
@@ -112,7 +122,8 @@ class TemporalTransformer(nn.Module):
     h = h.reshape(b, f, hh * ww, c).transpose(0, 2, 1, 3)              # (B, N, F, C)
     h = constrain(h, (DATA, FRAMES, None, None))
     for i in range(cfg.num_transformer_blocks):
-      h = TemporalTransformerBlock(cfg, self.attention_impl, name=f"transformer_blocks_{i}", **kw)(h)
+      h = TemporalTransformerBlock(cfg, self.attention_impl, name=f"transformer_blocks_{i}",
+                                   free_noise=self.free_noise, **kw)(h)
     h = constrain(h.transpose(0, 2, 1, 3), (DATA, FRAMES, None, None))   # (B, F, N, C)
     init = nn.initializers.zeros if cfg.zero_init else nn.initializers.lecun_normal()
     h = nn.Dense(c, kernel_init=init, name="proj_out", **kw)(h)
@@ -120,16 +131,19 @@ class TemporalTransformer(nn.Module):
 
 
 class MotionModule(nn.Module):
-  """`VanillaTemporalModule`: a wrapper holding `temporal_transformer` (matches official keys)."""
+  """`VanillaTemporalModule`: a wrapper holding `temporal_transformer` (matches official keys).
+  free_noise: None (plain) or FreeNoise windowed temporal attention (`adiff_jax.free_noise`)."""
   config: MotionModuleConfig
   attention_impl: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  free_noise: Optional[FreeNoiseConfig] = None
 
   @nn.compact
   def __call__(self, x):
     return TemporalTransformer(self.config, self.attention_impl, name="temporal_transformer",
-                               dtype=self.dtype, param_dtype=self.param_dtype)(x)
+                               dtype=self.dtype, param_dtype=self.param_dtype,
+                               free_noise=self.free_noise)(x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from adiff_jax.embeddings import TimestepEmbedding, timestep_features
+from adiff_jax.free_noise import FreeNoiseConfig
 from adiff_jax.layers import Conv2d, GroupNorm
 from adiff_jax.motion_module import MotionModule, MotionModuleConfig
 from adiff_jax.resnet import Downsample, ResnetBlock, Upsample
@@ -82,6 +83,7 @@ class _BlockSpec:
   remat: bool
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  free_noise: Optional[FreeNoiseConfig] = None
 
   @property
   def kw(self):
@@ -103,7 +105,8 @@ class _BlockSpec:
                                           name=name, **self.kw)
 
   def motion_module(self, name):
-    return self._wrap(MotionModule)(self.motion, self.attention_impl, name=name, **self.kw)
+    return self._wrap(MotionModule)(self.motion, self.attention_impl, name=name,
+                                    free_noise=self.free_noise, **self.kw)
 
 
 class DownBlock(nn.Module):
@@ -177,6 +180,9 @@ class UNet3D(nn.Module):
   motion=None gives the plain image UNet applied per frame (the frozen T2I model).
   dtype is the compute dtype, param_dtype the dtype parameters are created in.
   remat recomputes each layer's activations in the backward pass (training memory).
+  free_noise: a `FreeNoiseConfig` runs every motion module's temporal attention on FreeNoise
+  windows when the video has more than its context_length frames (`adiff_jax.free_noise`;
+  then frames may exceed the positional encoding, windows may not); None: the plain model.
   """
   config: UNetConfig
   motion: Optional[MotionModuleConfig] = None
@@ -184,6 +190,7 @@ class UNet3D(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: Optional[str] = None
   remat: bool = False
+  free_noise: Optional[FreeNoiseConfig] = None
 
   def check_inputs(self, sample, timesteps, context):
     """Shape checks; they raise while tracing, before anything is compiled."""
@@ -198,7 +205,13 @@ class UNet3D(nn.Module):
     if h % k or w % k:
       raise InputError(f"latent size {h}x{w} is not divisible by the UNet's downsampling factor "
                        f"{k} (image size must be a multiple of {8 * k})")
-    if self.motion is not None and f > self.motion.max_len:
+    fn = self.free_noise
+    if fn is not None and not isinstance(fn, FreeNoiseConfig):
+      raise InputError(f"free_noise must be a FreeNoiseConfig or None, got {type(fn).__name__}")
+    if self.motion is not None and fn is not None and f > fn.context_length > self.motion.max_len:
+      raise InputError(f"FreeNoise context_length {fn.context_length} exceeds the motion module's "
+                       f"positional encoding (at most {self.motion.max_len} frames per window)")
+    if self.motion is not None and f > self.motion.max_len and (fn is None or f <= fn.context_length):
       raise InputError(f"{f} frames exceed the motion module's positional encoding "
                        f"(at most {self.motion.max_len} frames)")
     t = jnp.shape(timesteps)
@@ -217,7 +230,8 @@ class UNet3D(nn.Module):
     """sample (B, F, H, W, Cin); timesteps scalar, (B,) or (B, F); context (B, L, D) or (B, F, L, D)."""
     self.check_inputs(sample, timesteps, context)
     cfg, mm = self.config, self.motion
-    spec = _BlockSpec(cfg, mm, self.attention_impl, self.remat, self.dtype, self.param_dtype)
+    spec = _BlockSpec(cfg, mm, self.attention_impl, self.remat, self.dtype, self.param_dtype,
+                      self.free_noise)
     kw = spec.kw
     b, f = sample.shape[:2]
     chans, heads = cfg.block_out_channels, cfg.heads
