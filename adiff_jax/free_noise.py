@@ -44,7 +44,8 @@ Where this module differs from the official code and from diffusers
   holds the noise of the window (f-L, f), reordered, like every other window (with S dividing L:
   the first L frames' noise, no frame twice).
 - Short videos. The official windowed block with N < L has no window at all (every attention
-  output 0); diffusers fails for N < L (IndexError: its window list is empty). Here N <= L is the plain model, bit for bit.
+  output 0); diffusers fails for N < L (IndexError: its window list is empty). Here N <= L is
+  the plain model, bit for bit.
 - Permutations. The official draws them with Python's `random.shuffle`, diffusers with
   `torch.randperm`; here each block's permutation is `jax.random.permutation` of a key folded in
   from `key` and the block's first frame (`block_permutations`), so it does not depend on N. As
