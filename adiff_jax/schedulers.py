@@ -1,4 +1,4 @@
-"""Noise schedules and samplers (DDIM, Euler, DPM-Solver++ 2M) in pure JAX.
+"""Noise schedules and samplers (DDIM, Euler, DPM-Solver++ 2M, LCM) in pure JAX.
 
 Everything that depends only on the config and the number of steps (timesteps, alphas, sigmas,
 solver coefficients) is precomputed once in NumPy float64 into small per-step tables. The step
@@ -7,7 +7,7 @@ denoising loop fits in one `jax.lax.scan` / `fori_loop`. Sampler state is a pytr
 possibly empty) that is passed in and returned, so it can be the scan carry.
 
 Numbers follow diffusers (`DDIMScheduler`, `EulerDiscreteScheduler`,
-`DPMSolverMultistepScheduler`), including their per-scheduler timestep spacing quirks; see
+`DPMSolverMultistepScheduler`, `LCMScheduler`), including their per-scheduler timestep spacing quirks; see
 docs/schedulers.md.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ Pytree = Any
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+SAMPLERS = ("ddim", "euler", "dpmpp_2m", "lcm")
+LCM_DEFAULT_SEED = 0  # the LCM noise key when none is given (see Sampler.init_state)
 
 # ComfyUI / original-SD (ldm) names for the same schedules. Accepting them silently would be a
 # trap: ComfyUI "linear" is diffusers "scaled_linear", so we only use them for error hints.
@@ -52,8 +53,13 @@ class NoiseSchedule:
   steps_offset: int = 1
   timestep_spacing: str = "leading"
   set_alpha_to_one: bool = True
-  clip_sample: bool = False  # DDIM only, like diffusers
+  clip_sample: bool = False  # DDIM and LCM, like diffusers
   clip_sample_range: float = 1.0
+  # LCM only (diffusers `LCMScheduler` defaults): the distillation schedule the LCM timesteps are
+  # picked from (k = num_train_timesteps // original_inference_steps), and the factor on t in the
+  # consistency boundary condition c_skip / c_out.
+  original_inference_steps: int = 50
+  timestep_scaling: float = 10.0
 
   def __post_init__(self):
     if self.beta_schedule not in BETA_SCHEDULES:
@@ -66,6 +72,14 @@ class NoiseSchedule:
       raise InputError(f"unknown timestep_spacing {self.timestep_spacing!r}; expected one of {TIMESTEP_SPACINGS}")
     if self.num_train_timesteps < 1:
       raise InputError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+    ois = self.original_inference_steps
+    if not isinstance(ois, (int, np.integer)) or isinstance(ois, bool) or not 1 <= ois <= self.num_train_timesteps:
+      raise InputError(f"original_inference_steps (LCM) must be an int in [1, {self.num_train_timesteps}] "
+                       f"(num_train_timesteps), got {ois!r}")
+    ts = self.timestep_scaling
+    if isinstance(ts, bool) or not isinstance(ts, (int, float, np.floating, np.integer)) or not (
+        math.isfinite(ts) and ts > 0):
+      raise InputError(f"timestep_scaling (LCM) must be a finite number > 0, got {ts!r}")
 
   @classmethod
   def animatediff(cls) -> "NoiseSchedule":
@@ -74,6 +88,17 @@ class NoiseSchedule:
     return cls(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
                prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
                set_alpha_to_one=True, clip_sample=False)
+
+  @classmethod
+  def animatelcm(cls) -> "NoiseSchedule":
+    """AnimateLCM's inference config (configs/inference-t2v.yaml noise_scheduler_kwargs): the
+    AnimateDiff betas with original_inference_steps 100, so 4 LCM steps are 999, 749, 499, 249."""
+    return dataclasses.replace(cls.animatediff(), original_inference_steps=100)
+
+  @classmethod
+  def lightning(cls) -> "NoiseSchedule":
+    """AnimateDiff-Lightning's sampler settings: Euler with "trailing" spacing on linear betas."""
+    return dataclasses.replace(cls.animatediff(), timestep_spacing="trailing")
 
   @classmethod
   def sd15(cls) -> "NoiseSchedule":
@@ -276,6 +301,72 @@ def dpm_tables(schedule: NoiseSchedule, num_steps: int) -> dict[str, np.ndarray]
 
 
 # ----------------------------------------------------------------------------------------------
+# LCM (latent consistency model) tables
+
+
+def lcm_timesteps(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
+  """(num_steps,) int64 timesteps of `LCMScheduler.set_timesteps` (strength 1).
+
+  The distillation schedule is k - 1, 2k - 1, ..., N - 1 with k = N // original_inference_steps;
+  reversed, `num_steps` of its entries are taken at indices floor(linspace(0, len, num_steps,
+  endpoint=False)). timestep_spacing and steps_offset do not apply. AnimateLCM (original 100),
+  4 steps: 999, 749, 499, 249; the diffusers default (original 50): 999, 759, 499, 259.
+  """
+  _check_steps(schedule, num_steps)
+  original = schedule.original_inference_steps
+  if num_steps > original:
+    raise InputError(f"lcm: {num_steps} steps exceed original_inference_steps {original}: LCM picks "
+                     f"its timesteps from that many distillation steps; lower the steps or raise "
+                     f"original_inference_steps")
+  k = schedule.num_train_timesteps // original
+  origin = (np.arange(1, original + 1) * k - 1)[::-1]
+  idx = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
+  t = origin[idx].astype(np.int64)
+  _check_range(schedule, t, "lcm")
+  return t
+
+
+def lcm_tables(schedule: NoiseSchedule, num_steps: int) -> dict[str, np.ndarray]:
+  """Per-step LCM arrays (float32 unless noted):
+
+  timesteps (int32); alpha_t = alphas_cumprod[t]; c_skip, c_out: the consistency boundary
+  condition at t (sigma_data 0.5, s = t * timestep_scaling: c_skip = 0.25 / (s^2 + 0.25),
+  c_out = s / sqrt(s^2 + 0.25)); a_next, s_next: sqrt(acp), sqrt(1 - acp) of the next timestep,
+  the scales of the denoised sample and of the fresh noise (1 and 0 at the last step, which
+  injects no noise).
+  """
+  t = lcm_timesteps(schedule, num_steps)
+  acp = alphas_cumprod(schedule)
+  s = t.astype(np.float64) * schedule.timestep_scaling
+  acp_next = np.concatenate([acp[t[1:]], [1.0]])
+  f32 = lambda a: np.asarray(a).astype(np.float32)
+  return {"timesteps": t.astype(np.int32), "alpha_t": f32(acp[t]),
+          "c_skip": f32(0.25 / (s * s + 0.25)), "c_out": f32(s / np.sqrt(s * s + 0.25)),
+          "a_next": f32(np.sqrt(acp_next)), "s_next": f32(np.sqrt(1.0 - acp_next))}
+
+
+def lcm_noise(key: jax.Array, i, shape) -> jax.Array:
+  """The standard-normal noise the LCM sampler injects after step i: one independent draw per
+  step, normal(fold_in(key, i)); the key stays the same through the loop."""
+  return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+
+
+def lcm_step(schedule: NoiseSchedule, out, i, x_in, tables: Mapping[str, Any], noise):
+  """One LCM step at step number i (may be traced): the denoised sample
+  c_out * x0 + c_skip * x, then re-noised to the next timestep with `noise` (standard normal)
+  as a_next * denoised + s_next * noise (the last step returns the denoised sample).
+  Computes in float32 and returns x's dtype."""
+  tab = {k: jnp.asarray(v)[i] for k, v in tables.items() if k != "timesteps"}
+  x, out = x_in.astype(jnp.float32), out.astype(jnp.float32)
+  x0, _ = _predict_x0_eps(schedule, out, x, tab["alpha_t"])
+  if schedule.clip_sample:
+    x0 = jnp.clip(x0, -schedule.clip_sample_range, schedule.clip_sample_range)
+  denoised = tab["c_out"] * x0 + tab["c_skip"] * x
+  x_next = tab["a_next"] * denoised + tab["s_next"] * noise.astype(jnp.float32)
+  return x_next.astype(x_in.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Common sampler interface
 
 
@@ -298,10 +389,20 @@ class Sampler:
   tables: Mapping[str, np.ndarray]
   eta: float = 0.0
 
+  @property
+  def stochastic(self) -> bool:
+    """Whether the steps draw noise (DDIM with eta > 0, LCM): then init_state takes a key."""
+    return self.name == "lcm" or (self.name == "ddim" and bool(self.eta))
+
   def init_state(self, latents_shape, key: Optional[jax.Array] = None) -> Pytree:
-    """Scan-carry state: {} (DDIM eta 0, Euler), {"key"} (DDIM eta > 0), {"prev_x0"} (DPM++ 2M)."""
+    """Scan-carry state: {} (DDIM eta 0, Euler), {"key"} (DDIM eta > 0, LCM), {"prev_x0"} (DPM++ 2M).
+
+    LCM without a key uses jax.random.key(LCM_DEFAULT_SEED): the injected noise is then the
+    same on every call (the initial noise still differs per seed); pass a key to vary it."""
     if self.name == "dpmpp_2m":
       return {"prev_x0": jnp.zeros(latents_shape, jnp.float32)}
+    if self.name == "lcm":
+      return {"key": jax.random.key(LCM_DEFAULT_SEED) if key is None else key}
     if self.name == "ddim" and self.eta:
       if key is None:
         raise InputError("ddim with eta > 0 needs init_state(..., key=PRNGKey)")
@@ -309,7 +410,7 @@ class Sampler:
     return {}
 
   def timestep(self, i):
-    """Model timestep at step i (int32 for DDIM / DPM++, float32 for Euler)."""
+    """Model timestep at step i (int32 for DDIM / DPM++ / LCM, float32 for Euler)."""
     return jnp.asarray(self.timesteps)[i]
 
   def scale_model_input(self, state: Pytree, x, i):
@@ -328,6 +429,9 @@ class Sampler:
       return ddim_step(self.schedule, eps, i, x, self.tables), state
     if self.name == "euler":
       return _euler_step(self.schedule, eps, i, x, self.tables), state
+    if self.name == "lcm":
+      noise = lcm_noise(state["key"], i, x.shape)
+      return lcm_step(self.schedule, eps, i, x, self.tables, noise), state
     return _dpm_step(self.schedule, state, eps, i, x, self.tables)
 
 
@@ -361,7 +465,8 @@ def _dpm_step(schedule: NoiseSchedule, state, out, i, x_in, tables):
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, eta: float = 0.0) -> Sampler:
-  """Sampler "ddim" | "euler" | "dpmpp_2m" for `num_steps` steps (eta: DDIM only)."""
+  """Sampler "ddim" | "euler" | "dpmpp_2m" | "lcm" for `num_steps` steps (eta: DDIM only).
+  LCM reads original_inference_steps and timestep_scaling from the schedule."""
   if name not in SAMPLERS:
     raise InputError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
   if eta < 0:
@@ -377,6 +482,9 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, eta: flo
     # diffusers: variance-exploding x_T has std sigma_max; "leading" starts below t = N - 1, so it
     # uses sqrt(sigma^2 + 1) there.
     sigma0 = math.sqrt(smax * smax + 1.0) if schedule.timestep_spacing == "leading" else smax
+  elif name == "lcm":
+    tables = lcm_tables(schedule, num_steps)
+    sigma0 = 1.0
   else:
     tables = dpm_tables(schedule, num_steps)
     sigma0 = 1.0

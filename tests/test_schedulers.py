@@ -36,11 +36,23 @@ def _latents(shape=(1, 4, 8, 8)):
 def _diffusers_loop(sched, num_steps, x, noises=None):
   sched.set_timesteps(num_steps)
   x = torch.from_numpy(x) * sched.init_noise_sigma
-  for k, t in enumerate(sched.timesteps):
-    xin = sched.scale_model_input(x, t)
-    eps = torch.from_numpy(_fake_np(xin.numpy(), float(t)).astype(np.float32))
-    kw = {} if noises is None else dict(eta=1.0, variance_noise=torch.tensor(noises[k]))
-    x = sched.step(eps, t, x, **kw).prev_sample
+  lcm, step = isinstance(sched, diffusers.LCMScheduler), [0]
+  if lcm:  # LCM draws noise after each step: hand it ours (the default key's draw at step k)
+    from diffusers.schedulers import scheduling_lcm
+    saved = scheduling_lcm.randn_tensor
+    key = jax.random.key(S.LCM_DEFAULT_SEED)
+    scheduling_lcm.randn_tensor = lambda shape, **kw: torch.from_numpy(
+        np.array(S.lcm_noise(key, step[0], tuple(shape))))
+  try:
+    for k, t in enumerate(sched.timesteps):
+      xin = sched.scale_model_input(x, t)
+      eps = torch.from_numpy(_fake_np(xin.numpy(), float(t)).astype(np.float32))
+      kw = {} if noises is None else dict(eta=1.0, variance_noise=torch.tensor(noises[k]))
+      step[0] = k
+      x = sched.step(eps, t, x, **kw).prev_sample
+  finally:
+    if lcm:
+      scheduling_lcm.randn_tensor = saved
   return x.numpy(), sched
 
 
@@ -61,6 +73,11 @@ def _reference(name, schedule: S.NoiseSchedule):
                                    set_alpha_to_one=schedule.set_alpha_to_one)
   if name == "euler":
     return diffusers.EulerDiscreteScheduler(**kw)
+  if name == "lcm":
+    return diffusers.LCMScheduler(**kw, clip_sample=schedule.clip_sample,
+                                  set_alpha_to_one=schedule.set_alpha_to_one,
+                                  original_inference_steps=schedule.original_inference_steps,
+                                  timestep_scaling=schedule.timestep_scaling)
   return diffusers.DPMSolverMultistepScheduler(**kw)  # defaults: order 2, dpmsolver++, midpoint
 
 
@@ -233,7 +250,8 @@ def test_sample_timesteps():
 
 # --- (e) jit + scan ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 0.5), ("euler", 0.0), ("dpmpp_2m", 0.0)])
+@pytest.mark.parametrize("name,eta", [("ddim", 0.0), ("ddim", 0.5), ("euler", 0.0), ("dpmpp_2m", 0.0),
+                                      ("lcm", 0.0)])
 def test_loop_in_jit_scan(name, eta):
   sampler = S.make_sampler(name, OFFICIAL, 25, eta=eta)
   x = _latents()
