@@ -12,6 +12,7 @@ from adiff_jax import model_dir
 from adiff_jax.config_io import to_dict
 from adiff_jax.params import cast_tree, flatten
 from convert_weights import lora_files, motion_module_files as motion, sd_base as base
+from convert_weights.detect import known_file
 from convert_weights.errors import ConversionError
 
 
@@ -70,6 +71,9 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
     unet, text = b["unet"], b.get("text_encoder")
     for path, alpha in loras:
       log(f"merging kohya LoRA {path} (multiplier {alpha}, {'kohya alpha/rank' if kohya_scaling else 'official'} scaling)")
+      known = known_file(path, "kohya_lora")
+      if known:
+        log(f"  {known[1]}: {known[2]}")
       linfo = {}
       unet, text = lora_files.merge_kohya_lora(unet, text, path, alpha, kohya_scaling, linfo)
       notes += linfo.get("notes", [])
@@ -103,6 +107,9 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
     meta["sources"]["motion_module"] = source_record(motion_module)
     add_extras("motion_module", info["extras"])
     log(f"motion module: {version}, pe length {cfg.max_len}, mid block {cfg.mid_block}")
+    known = known_file(motion_module, "motion_module_" + info["format"])
+    if known:
+      log(f"  {known[1]}: {known[2]}")
 
   for i, (path, alpha) in enumerate(motion_loras):
     log(f"reading MotionLoRA {path} (alpha {alpha})")

@@ -1,7 +1,10 @@
 """Which checkpoint format a set of keys (or a folder) is: used by `inspect` and by the loaders."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+from typing import Optional
 
 from convert_weights import io, ldm
 
@@ -53,3 +56,41 @@ def detect_path(path: str) -> str:
     w = io.component_weights(path)  # a MotionAdapter folder: config.json + weights
     return detect_keys(io.load_torch_file(w).keys()) if w else "unknown"
   return detect_keys(io.load_torch_file(path).keys())
+
+
+# ---------------------------------------------------------------- known files
+_MOTION = ("motion_module_original", "motion_module_diffusers", "unet_with_motion_modules")
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownFile:
+  """A published file whose keys look like any other file of its format: recognised by its name.
+  `pe_len`: the positional-encoding length its own code uses when the file stores no pe."""
+  pattern: str          # regular expression on the file (or folder) name, case-insensitive
+  formats: tuple        # detect_keys ids it must also have
+  name: str             # what inspect calls it ({0}: the pattern's first group)
+  usage: str            # how to use it here
+  pe_len: Optional[int] = None
+
+
+KNOWN_FILES = (
+    KnownFile(r"animatelcm.*lora", ("kohya_lora",), "AnimateLCM spatial LoRA (AnimateLCM_sd15_t2v_lora)",
+              "AnimateLCM merges it as W += (1/8) * scale * up @ down (alpha tensors ignored), "
+              "official scale 0.8: use --lora FILE:0.1 (the default official scaling multiplies "
+              "by ALPHA only)"),
+    KnownFile(r"animatelcm", _MOTION, "AnimateLCM motion module (v2 layout; its file stores no pe)",
+              "sample with --scheduler lcm --steps 4 --guidance-scale 1.5 --lcm-original-steps 100 "
+              "(with its LoRA merged: --lora AnimateLCM_sd15_t2v_lora.safetensors:0.1)", pe_len=64),
+    KnownFile(r"animatediff_lightning_(\d+)step", _MOTION, "AnimateDiff-Lightning {0}-step motion module",
+              "sample with --scheduler euler --timestep-spacing trailing --steps {0} --guidance-scale 1.0"),
+)
+
+
+def known_file(path: str, fmt: str) -> Optional[tuple[KnownFile, str, str]]:
+  """(entry, name, usage) of a known published file of format `fmt`, by its name; else None."""
+  base = os.path.basename(os.path.normpath(path))
+  for k in KNOWN_FILES:
+    m = re.search(k.pattern, base, re.IGNORECASE)
+    if m and fmt in k.formats:
+      return k, k.name.format(*m.groups()), k.usage.format(*m.groups())
+  return None

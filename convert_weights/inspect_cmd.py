@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from convert_weights import io, ldm
-from convert_weights.detect import FORMATS, detect_keys
+from convert_weights.detect import FORMATS, detect_keys, known_file
 from convert_weights.errors import ConversionError, few
 
 
@@ -71,6 +71,9 @@ def inspect(path: str, check: bool = True) -> str:
       sd = io.load_torch_file(path, info)
     fmt = detect_keys(sd)
     lines.append(f"format: {fmt}: {FORMATS[fmt]}")
+    known = known_file(path, fmt)
+    if known:
+      lines += [f"known file: {known[1]}", f"use: {known[2]}"]
     lines += _summary(sd)
     if "animatediff_config" in info:
       lines.append(f"animatediff_config: {info['animatediff_config']}")

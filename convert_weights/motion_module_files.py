@@ -10,7 +10,8 @@ version: 24 -> v1; 32 with a mid-block module -> v2; 32 without -> v3. Files wit
 (`temporal_position_encoding_max_len`) or a MotionAdapter `config.json`
 (`motion_max_seq_length`); failing both, a mid-block module means v2, otherwise we ASSUME v3
 (pe 32) and say so in the notes, since v1 and v3 have identical weights otherwise; pass
-`version="v1"` for an mm_sd_v14/v15 file stripped of its pe.
+`version="v1"` for an mm_sd_v14/v15 file stripped of its pe. A known published file
+(`detect.KNOWN_FILES`, by name) without pe gets its own code's length: AnimateLCM 64.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import numpy as np
 from adiff_jax.embeddings import motion_positional_encoding
 from adiff_jax.motion_module import MotionModule, MotionModuleConfig, is_motion_module
 from convert_weights import io
-from convert_weights.detect import detect_keys
+from convert_weights.detect import detect_keys, known_file
 from convert_weights.errors import ConversionError, few
 from convert_weights.motion_module_keys import diffusers_to_official, is_pe_buffer, official_to_diffusers
 from adiff_jax.params import flatten
@@ -119,6 +120,15 @@ def load_motion_module(path: str, version: Optional[str] = None, num_heads: Opti
   has_mid = any(p.startswith("mid_block") for p in prefixes)
   config_len = adapter_cfg.get("motion_max_seq_length") or _find(
       info.get("animatediff_config"), "temporal_position_encoding_max_len")
+  known = known_file(path, fmt)
+  if not pe_lens and not config_len:
+    if known and known[0].pe_len:
+      config_len = known[0].pe_len
+      notes.append(f"no pe buffers: built (sinusoidal) with length {config_len}, the length the code "
+                   f"of this file uses ({known[1]})")
+    elif has_mid:
+      notes.append("mid-block module without pe buffers (official v2 files store them; "
+                   "AnimateLCM's file does not): built (sinusoidal) with length 32")
   detected, length = detect_version(has_mid, next(iter(pe_lens), None), config_len, notes)
   if version is not None and version != detected:
     notes.append(f"version {version} requested; the file looks like {detected}")

@@ -2,7 +2,8 @@
 
 Official (guoyww/AnimateDiff) per module, prefix `...motion_modules.N.temporal_transformer.`:
   norm, proj_in, proj_out, transformer_blocks.0.{attention_blocks.{0,1}, norms.{0,1}, ff, ff_norm}
-  and `attention_blocks.{0,1}.pos_encoder.pe` buffers (optional).
+  and `attention_blocks.{0,1}.pos_encoder.pe` buffers (optional; AnimateLCM's code names the same
+  sinusoidal buffer `pos_encoder.pos_encoding`, length 64, and its released file has none).
 diffusers, prefix `...motion_modules.N.`:
   norm, proj_in, proj_out, transformer_blocks.0.{attn1, attn2, norm1, norm2, ff, norm3}
   and one `transformer_blocks.0.pos_embed.pe` buffer.
@@ -22,7 +23,8 @@ _MM = re.compile(r"(motion_modules\.\d+\.)")
 
 
 def is_pe_buffer(key: str) -> bool:
-  return key.endswith(".pe") and ("pos_encoder" in key or "pos_embed" in key)
+  return (key.endswith(".pe") and ("pos_encoder" in key or "pos_embed" in key)
+          or key.endswith(".pos_encoder.pos_encoding"))
 
 
 def diffusers_to_official(key: str) -> str:
