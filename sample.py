@@ -58,7 +58,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--guidance-scale", type=float, default=7.5)
   ap.add_argument("--seed", type=int, nargs="+", default=[-1], help="one or one per sample; -1 = random")
   ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-  ap.add_argument("--scheduler", default="ddim", choices=["ddim", "euler", "dpmpp_2m"])
+  from adiff_jax.schedulers import SAMPLERS, TIMESTEP_SPACINGS
+  ap.add_argument("--scheduler", default="ddim", choices=SAMPLERS,
+                  help="lcm: AnimateLCM (--steps 4 --guidance-scale 1.5 --lcm-original-steps 100); "
+                  "euler with --timestep-spacing trailing: AnimateDiff-Lightning (--guidance-scale 1)")
+  ap.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
+                  help="override the schedule's spacing (default: the inference config's, leading)")
+  ap.add_argument("--lcm-original-steps", type=int, default=None, metavar="N",
+                  help="LCM's original_inference_steps (default: the inference config's, else 50 as "
+                  "diffusers; AnimateLCM uses 100)")
   ap.add_argument("--motion-lora", action="append", default=[], metavar="PATH[:ALPHA]",
                   help="MotionLoRA file or model dir (repeatable); builtin:left|right|up|down for the "
                   "built-in model's")
@@ -222,6 +230,21 @@ def schedule_from_inference_config(path: Optional[str]):
   return dataclasses.replace(sched, **{k: v for k, v in kw.items() if k in fields})
 
 
+def cli_schedule(args: argparse.Namespace):
+  """The inference config's schedule with --timestep-spacing / --lcm-original-steps applied;
+  the sampler is built once so bad combinations fail before any model is loaded."""
+  from adiff_jax.schedulers import make_sampler
+  sched = schedule_from_inference_config(getattr(args, "inference_config", None))
+  kw = {}
+  if getattr(args, "timestep_spacing", None):
+    kw["timestep_spacing"] = args.timestep_spacing
+  if getattr(args, "lcm_original_steps", None) is not None:
+    kw["original_inference_steps"] = args.lcm_original_steps
+  sched = dataclasses.replace(sched, **kw)
+  make_sampler(args.scheduler, sched, args.steps)
+  return sched
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -231,6 +254,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   from adiff_jax.sharding import make_mesh
   from adiff_jax.video_io import grid, save_gif, save_mp4, to_uint8
 
+  schedule = cli_schedule(args)
   cfg, params, lora, desc = load_model(args)
   from adiff_jax import builtin as builtin_lib
   builtin = builtin_lib.is_builtin(args.ckpt)
@@ -250,7 +274,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   sc = SamplingConfig(frames=args.frames, height=h, width=w, steps=args.steps,
                       guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                       clip_skip=args.clip_skip,
-                      schedule=schedule_from_inference_config(getattr(args, "inference_config", None)))
+                      schedule=schedule)
   mesh = None
   if len(jax.devices()) > 1:
     mesh = make_mesh(frames=args.mesh_frames)

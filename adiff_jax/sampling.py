@@ -2,6 +2,11 @@
 
 Pure functions around `model.apply`; `Pipeline` only bundles the models, their parameters and
 the compiled loops so a second call with the same shapes does not recompile.
+
+Long videos (docs/long_videos.md): `SamplingConfig.context` runs the UNet on overlapping frame
+windows and fuses them (adiff_jax/context.py); prompts may travel ({frame: text}, see
+adiff_jax/prompt_travel.py); `free_init` re-runs sampling from re-noised low frequencies
+(adiff_jax/free_init.py).
 """
 from __future__ import annotations
 
@@ -13,11 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adiff_jax import free_init as free_init_lib
+from adiff_jax import prompt_travel
 from adiff_jax.clip_text import CLIPTextModel
+from adiff_jax.context import ContextConfig, WindowPlan, fused_eps, plan_windows
 from adiff_jax.errors import InputError
+from adiff_jax.free_noise import FreeNoiseConfig, reschedule_noise
 from adiff_jax.model import ModelConfig, PARTS
 from adiff_jax.params import dtype as dtype_of
-from adiff_jax.schedulers import NoiseSchedule, SAMPLERS, make_sampler, sample, sample_init, sample_step
+from adiff_jax.schedulers import NoiseSchedule, SAMPLERS, make_sampler, sample_init, sample_step
 from adiff_jax.tokenizer import CLIPTokenizer
 from adiff_jax.unet import UNet3D
 from adiff_jax.vae import AutoencoderKL, decode_video
@@ -38,6 +47,18 @@ class SamplingConfig:
   clip_skip: int = 1
   vae_chunk: int = 8
   schedule: NoiseSchedule = NoiseSchedule.animatediff()
+  # Long videos. context: whole-UNet context windows (None: the UNet sees all frames at once).
+  context: Optional[ContextConfig] = None
+  context_batch: Optional[int] = None   # windows per UNet call (default: the mesh's data size, or 1)
+  prompt_interpolation: str = "lerp"    # travelling prompts: lerp | slerp
+  free_init: Optional[free_init_lib.FreeInitConfig] = None
+  free_noise: Optional[FreeNoiseConfig] = None  # noise rescheduling + motion-module windows
+
+  @property
+  def guided(self) -> bool:
+    """Whether the unconditional half runs: guidance <= 1 means the conditional prediction
+    alone, as in diffusers (`do_classifier_free_guidance = guidance_scale > 1`)."""
+    return self.guidance_scale > 1.0
 
 
 class Pipeline:
@@ -57,7 +78,8 @@ class Pipeline:
     self.config = config
     # One compute dtype for all three models (bf16 on accelerators; f32 is the CPU default).
     self.dtype = dtype_of(dtype)
-    self.unet = UNet3D(config.unet, config.motion, dtype=self.dtype, attention_impl=attention_impl)
+    self.attention_impl = attention_impl
+    self.unet = self.unet_for(None)
     self.text_encoder = CLIPTextModel(config.text, dtype=self.dtype, attention_impl=attention_impl)
     self.vae = AutoencoderKL(config.vae, dtype=self.dtype)
     cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, self.dtype), t)
@@ -67,6 +89,11 @@ class Pipeline:
     self.mesh = mesh
     self._loops: dict = {}
 
+  def unet_for(self, free_noise: Optional[FreeNoiseConfig]) -> UNet3D:
+    """The UNet module, with FreeNoise windows in its motion modules when asked."""
+    return UNet3D(self.config.unet, self.config.motion, dtype=self.dtype,
+                  attention_impl=self.attention_impl, free_noise=free_noise)
+
   # -- checks ---------------------------------------------------------------------------------
   def check(self, cfg: SamplingConfig) -> None:
     """Clear errors before anything compiles."""
@@ -74,34 +101,70 @@ class Pipeline:
     if cfg.height % m or cfg.width % m or cfg.height <= 0 or cfg.width <= 0:
       raise InputError(f"height and width must be positive multiples of {m} for this model "
                        f"(got {cfg.height}x{cfg.width})")
-    mm = self.config.motion
-    if mm is not None and cfg.frames > mm.max_len:
-      raise InputError(f"{cfg.frames} frames exceed the motion module's positional encoding "
-                       f"(at most {mm.max_len} frames)")
     if cfg.frames < 1:
       raise InputError("frames must be >= 1")
+    mm = self.config.motion
+    if mm is not None:
+      if cfg.context is not None and cfg.context.context_length > mm.max_len:
+        raise InputError(f"context_length {cfg.context.context_length} exceeds the motion module's "
+                         f"positional encoding ({mm.max_len} frames)")
+      if cfg.free_noise is not None and cfg.free_noise.context_length > mm.max_len:
+        raise InputError(f"FreeNoise context_length {cfg.free_noise.context_length} exceeds the motion "
+                         f"module's positional encoding ({mm.max_len} frames)")
+      if cfg.context is None and cfg.free_noise is None and cfg.frames > mm.max_len:
+        raise InputError(f"{cfg.frames} frames exceed the motion module's positional encoding "
+                         f"(at most {mm.max_len} frames): sample long videos with context windows, "
+                         f"e.g. --context-length {min(16, mm.max_len)} --context-overlap 4, "
+                         f"or --free-noise")
+    if cfg.prompt_interpolation not in prompt_travel.METHODS:
+      raise InputError(f"unknown prompt interpolation {cfg.prompt_interpolation!r}; expected one "
+                       f"of {prompt_travel.METHODS}")
+    if cfg.context_batch is not None and cfg.context_batch < 1:
+      raise InputError(f"context_batch must be >= 1, got {cfg.context_batch}")
     if cfg.scheduler not in SAMPLERS:
       raise InputError(f"unknown scheduler {cfg.scheduler!r}; choose from {SAMPLERS}")
 
   # -- stages ---------------------------------------------------------------------------------
-  def encode_prompts(self, prompts: Sequence[str], clip_skip: int = 1) -> jax.Array:
-    """(B,) prompts -> text context (B, 77, D)."""
-    ids = jnp.asarray(self.tokenizer(list(prompts)))
-    return _encode_text(self.text_encoder, self.params["text_encoder"], ids, clip_skip)
+  def encode_prompts(self, prompts: Sequence[prompt_travel.Prompt], clip_skip: int = 1,
+                     frames: Optional[int] = None, interpolation: str = "lerp") -> jax.Array:
+    """(B,) prompts -> text context (B, 77, D); with `frames`, per-frame context (B, F, 77, D)
+    (travelling prompts {frame: text} interpolated, plain ones repeated)."""
+    if frames is None:
+      ids = jnp.asarray(self.tokenizer(list(prompts)))
+      return _encode_text(self.text_encoder, self.params["text_encoder"], ids, clip_skip)
+    texts = sorted({t for p in prompts for t in prompt_travel.texts(p)})
+    embeds = self.encode_prompts(texts, clip_skip)                      # (K, 77, D)
+    row = {t: i for i, t in enumerate(texts)}
+    return jnp.stack([prompt_travel.per_frame(embeds[jnp.asarray([row[t] for t in prompt_travel.texts(p)])],
+                                              p, frames, interpolation) for p in prompts])
 
-  def initial_noise(self, seeds: Sequence[int], cfg: SamplingConfig) -> jax.Array:
-    """Standard-normal latents (B, F, h, w, C), one independent stream per seed."""
+  def initial_noise(self, seeds: Sequence[int], cfg: SamplingConfig, stream: int = 0) -> jax.Array:
+    """Standard-normal latents (B, F, h, w, C), one independent stream per seed (stream > 0:
+    further draws from the same seed, e.g. FreeInit's fresh noise)."""
     f = self.config.latent_factor
     shape = (cfg.frames, cfg.height // f, cfg.width // f, self.config.unet.in_channels)
-    return jnp.stack([jax.random.normal(seed_key(s), shape, jnp.float32) for s in seeds])
+    key = (lambda s: seed_key(s)) if stream == 0 else (lambda s: jax.random.fold_in(seed_key(s), stream))
+    return jnp.stack([jax.random.normal(key(s), shape, jnp.float32) for s in seeds])
+
+  def context_batch(self, cfg: SamplingConfig) -> int:
+    """Windows per UNet call: as many as the mesh's data axis has devices, so they run in parallel."""
+    if cfg.context_batch is not None:
+      return cfg.context_batch
+    return 1 if self.mesh is None else int(dict(zip(self.mesh.axis_names, self.mesh.devices.shape))["data"])
 
   def denoise(self, noise: jax.Array, cond: jax.Array, uncond: jax.Array, cfg: SamplingConfig,
               progress: bool = True) -> jax.Array:
-    """The whole denoising loop, compiled once per (shape, scheduler, steps)."""
+    """The whole denoising loop, compiled once per (shape, scheduler, steps, windows)."""
     sampler = make_sampler(cfg.scheduler, cfg.schedule, cfg.steps, eta=cfg.eta)
-    key = (cfg.scheduler, cfg.steps, cfg.eta, cfg.schedule, progress)
+    frames = noise.shape[1]
+    windowed = cfg.context is not None and frames > cfg.context.context_length
+    group = self.context_batch(cfg) if windowed else 1
+    key = (cfg.scheduler, cfg.steps, cfg.eta, cfg.schedule, progress, cfg.guided,
+           (cfg.context, frames, group) if windowed else None, cfg.free_noise)
     if key not in self._loops:
-      self._loops[key] = _make_loop(self.unet, sampler, progress)
+      plan = plan_windows(frames, cfg.steps, cfg.context, group) if windowed else None
+      self._loops[key] = _make_loop(self.unet_for(cfg.free_noise), sampler, progress, cfg.guided,
+                                    plan, group)
     loop = self._loops[key]
     args = (self.params["unet"], self.lora, noise, cond, uncond,
             jnp.float32(cfg.guidance_scale), jax.random.key(0))
@@ -116,27 +179,49 @@ class Pipeline:
                      chunk_size=cfg.vae_chunk)
     return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
-  def __call__(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]] = None,
+  def __call__(self, prompts: Sequence[prompt_travel.Prompt],
+               negative_prompts: Optional[Sequence[prompt_travel.Prompt]] = None,
                seeds: Sequence[int] = (0,), cfg: SamplingConfig = SamplingConfig(),
                noise: Optional[jax.Array] = None, progress: bool = True) -> np.ndarray:
-    """Prompts -> frames (B, F, H, W, 3) float32 in [0, 1]. One sample per (prompt, seed) pair."""
+    """Prompts -> frames (B, F, H, W, 3) float32 in [0, 1]. One sample per (prompt, seed) pair.
+
+    A prompt is text or a travelling {frame: text} mapping (negatives too)."""
     self.check(cfg)
     prompts = list(prompts)
     negative = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
     if len(negative) != len(prompts) or len(seeds) != len(prompts):
       raise InputError(f"need one negative prompt and one seed per prompt: got {len(prompts)} "
                        f"prompts, {len(negative)} negative prompts, {len(seeds)} seeds")
-    cond = self.encode_prompts(prompts, cfg.clip_skip)
-    uncond = self.encode_prompts(negative, cfg.clip_skip)
+    for p in prompts:
+      prompt_travel.check(p, cfg.frames)
+    for p in negative:
+      prompt_travel.check(p, cfg.frames, "negative prompt")
+    per_frame = cfg.frames if prompt_travel.is_travelling(prompts + negative) else None
+    cond = self.encode_prompts(prompts, cfg.clip_skip, per_frame, cfg.prompt_interpolation)
+    uncond = self.encode_prompts(negative, cfg.clip_skip, per_frame, cfg.prompt_interpolation)
     if noise is None:
       noise = self.initial_noise(seeds, cfg)
-    latents = self.denoise(noise, cond, uncond, cfg, progress)
+      if cfg.free_noise is not None:   # each sample's shuffle from its own seed
+        noise = jnp.concatenate([reschedule_noise(noise[i:i + 1], cfg.free_noise,
+                                                  jax.random.fold_in(seed_key(s), _FREE_NOISE_STREAM))
+                                 for i, s in enumerate(seeds)])
+    fi = cfg.free_init
+    latents, start = None, noise
+    for it in range(1 if fi is None else fi.iterations):
+      if it:   # FreeInit: low frequencies of the last result (re-noised), high ones fresh
+        start = free_init_lib.reinit(latents, noise, self.initial_noise(seeds, cfg, stream=it),
+                                     cfg.schedule, fi)
+      steps = cfg.steps if fi is None else free_init_lib.iteration_steps(cfg.steps, it, fi)
+      latents = self.denoise(start, cond, uncond, dataclasses.replace(cfg, steps=steps), progress)
     if not bool(jnp.isfinite(latents).all()):
       raise FloatingPointError(
           "the denoising loop produced NaN/inf latents (a black video otherwise). Try --dtype f32, "
           "check that the checkpoint converted cleanly (python -m convert_weights inspect ...), "
           "or lower the guidance scale / LoRA alphas.")
     return np.asarray(self.decode(latents, cfg))
+
+
+_FREE_NOISE_STREAM = 1 << 20   # fold_in tag of the rescheduling key (FreeInit uses 1, 2, ...)
 
 
 def seed_key(seed: int) -> jax.Array:
@@ -152,34 +237,51 @@ def _encode_text(model, params, ids, clip_skip):
   return model.apply({"params": params}, ids, clip_skip=clip_skip)
 
 
-def _make_loop(unet: UNet3D, sampler, progress: bool):
+def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
+               plan: Optional[WindowPlan] = None, group: int = 1):
   """(unet_params, lora, noise, cond, uncond, guidance, key) -> latents.
 
   Without progress: the whole loop is one jitted `lax.scan`. With progress: one jitted step
   driven from the host, which advances the bar between steps; nothing calls back to the host
   from inside a compiled program, so every program stays in the persistent compilation cache.
+  guided=False: the conditional prediction alone (guidance <= 1), no unconditional half.
+  plan: context windows (the step index picks that step's windows), `group` per UNet call.
   """
-  def guided_eps(params, lora, cond, uncond, guidance):
+  def guided_eps(params, lora, cond, uncond, guidance, i):
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-    ctx = jnp.concatenate([uncond, cond]).astype(unet.dtype)   # (2B, 77, D): CFG in one batch
+
+    def model(x, ctx, t):  # x (B', F', h, w, C); ctx (uncond, cond), each (B', 77, D) or (B', F', 77, D)
+      u, c = ctx
+      if guided:           # CFG in one batch: (2B', ...)
+        x, c = jnp.concatenate([x, x]), jnp.concatenate([u, c])
+      out = unet.apply(variables, x.astype(unet.dtype), jnp.broadcast_to(t, (x.shape[0],)),
+                       c.astype(unet.dtype)).astype(jnp.float32)
+      if not guided:
+        return out
+      e_uncond, e_cond = jnp.split(out, 2)
+      return e_uncond + guidance * (e_cond - e_uncond)
 
     def eps_fn(x, t):
-      xx = jnp.concatenate([x, x]).astype(unet.dtype)          # (2B, F, h, w, C)
-      out = unet.apply(variables, xx, jnp.broadcast_to(t, (xx.shape[0],)), ctx)
-      e_uncond, e_cond = jnp.split(out.astype(jnp.float32), 2)
-      return e_uncond + guidance * (e_cond - e_uncond)
+      if plan is None:
+        return model(x, (uncond, cond), t)
+      # CFG is linear, so guiding each window and then fusing equals fusing each half first.
+      return fused_eps(lambda xw, cw: model(xw, cw, t), x, (uncond, cond), plan, i, group)
     return eps_fn
 
   def whole(params, lora, noise, cond, uncond, guidance, key):
-    eps_fn = guided_eps(params, lora, cond, uncond, guidance)
-    return sample(sampler, eps_fn, noise, key=key if sampler.eta else None)
+    def body(carry, i):
+      x, state = carry
+      return sample_step(sampler, guided_eps(params, lora, cond, uncond, guidance, i), x, state, i), None
+    carry = sample_init(sampler, noise, key=key if sampler.eta else None)
+    (x, _), _ = jax.lax.scan(body, carry, jnp.arange(sampler.num_steps))
+    return x
 
   if not progress:
     return jax.jit(whole)
 
   init = jax.jit(lambda noise, key: sample_init(sampler, noise, key=key if sampler.eta else None))
   step = jax.jit(lambda params, lora, x, state, cond, uncond, guidance, i: sample_step(
-      sampler, guided_eps(params, lora, cond, uncond, guidance), x, state, i))
+      sampler, guided_eps(params, lora, cond, uncond, guidance, i), x, state, i))
 
   def stepwise(params, lora, noise, cond, uncond, guidance, key):
     from tqdm.auto import tqdm
