@@ -2,10 +2,15 @@
 
   python bench/sample.py --config sd15 --frames 16 --size 512 --steps 25      # GPU / TPU
   python bench/sample.py --config sd15 --frames 8 --size 128 --steps 3        # CPU, reduced
+  python bench/sample.py --config tiny --frames 16 --size 64 --few-step        # 4-step LCM vs 25-step DDIM
 
 Text encoding + denoising loop with CFG + VAE decode, random weights (speed does not depend on
 them). Reports seconds end to end (after a warm-up run that includes compilation), UNet steps/s,
 and the ratio; appends a row to bench/RESULTS.md with the command.
+
+--few-step (adiff-jax only): the same video with --steps DDIM steps at guidance 7.5 (official),
+--few-steps LCM steps at guidance 1.5 (AnimateLCM's settings) and --few-steps Euler "trailing"
+steps at guidance 1 (AnimateDiff-Lightning's, conditional half only); its own table.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 from adiff_jax.model import random_params
 from adiff_jax.model import ModelConfig
 from adiff_jax.sampling import Pipeline, SamplingConfig
+from adiff_jax.schedulers import NoiseSchedule
 from bench.results import add_row, command
 
 
@@ -68,9 +74,14 @@ def main():
   ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
   ap.add_argument("--skip-torch", action="store_true")
   ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+  ap.add_argument("--few-step", action="store_true",
+                  help="adiff-jax only: --steps DDIM vs --few-steps LCM and Euler trailing (own table)")
+  ap.add_argument("--few-steps", type=int, default=4)
   args = ap.parse_args()
 
   config = ModelConfig.sd15("v2") if args.config == "sd15" else ModelConfig.tiny()
+  if args.few_step:
+    return few_step(args, config)
   prompts = ["a red circle moving left"] * args.batch
   negative = ["blurry"] * args.batch
   sc = SamplingConfig(frames=args.frames, height=args.size, width=args.size, steps=args.steps)
@@ -118,6 +129,40 @@ def main():
   add_row(args.results, "Sampling end to end (bench/sample.py)",
           "| date | device | config | video | JAX dtype | diffusers s | adiff-jax s | speed-up | command |\n"
           "|---|---|---|---|---|---|---|---|---|", row)
+
+
+def few_step(args, config: ModelConfig):
+  """Seconds end to end (after a warm-up run that compiles) per sampler, one process, one model."""
+  prompts, negative = ["a red circle moving left"] * args.batch, ["blurry"] * args.batch
+  seeds = list(range(args.batch))
+  ours = Pipeline(config, random_params(config, seed=0), dtype=args.dtype)
+  runs = [("ddim", args.steps, 7.5, NoiseSchedule.animatediff()),
+          ("lcm", args.few_steps, 1.5, NoiseSchedule.animatelcm()),
+          ("euler", args.few_steps, 1.0, NoiseSchedule.lightning())]
+  secs = []
+  for name, steps, guidance, schedule in runs:
+    sc = SamplingConfig(frames=args.frames, height=args.size, width=args.size, steps=steps,
+                        guidance_scale=guidance, scheduler=name, schedule=schedule)
+    ours(prompts, negative, seeds, sc, progress=False)   # warm-up (compiles)
+    t0 = time.perf_counter()
+    ours(prompts, negative, seeds, sc, progress=False)
+    secs.append(time.perf_counter() - t0)
+    print(f"{name} {steps} steps, guidance {guidance}: {secs[-1]:.2f} s end to end")
+  ratio = f"{secs[0] / secs[1]:.2f}x"
+  print(f"LCM speed-up over DDIM: {ratio}")
+  dev = jax.devices()[0]
+  row = (f"| {time.strftime('%Y-%m-%d')} | {dev.device_kind} | {args.config} | {args.batch}x{args.frames}x"
+         f"{args.size}x{args.size}, {args.steps} / {args.few_steps} steps | {args.dtype} | {secs[0]:.2f} | {secs[1]:.2f} | {secs[2]:.2f} | "
+         f"{ratio} | `{command(__file__)}` |\n")
+  add_row(args.results, "Few-step sampling (bench/sample.py --few-step)",
+          "Text encoder + denoising loop + VAE decode, adiff-jax only, timed after a warm-up run:\n"
+          "DDIM at guidance 7.5 (official settings, CFG), LCM at guidance 1.5 (AnimateLCM:\n"
+          "original_inference_steps 100, CFG) and Euler \"trailing\" at guidance 1 (AnimateDiff-Lightning:\n"
+          "conditional half only). Random weights: speed only, not quality.\n\n"
+          "| date | device | config | video, DDIM / few steps | JAX dtype | DDIM s | LCM s | "
+          "Euler trailing, guidance 1 s | "
+          "LCM speed-up | command |\n"
+          "|---|---|---|---|---|---|---|---|---|---|", row)
 
 
 if __name__ == "__main__":
