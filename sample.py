@@ -31,7 +31,11 @@ from adiff_jax.errors import InputError, run_cli
 CONFIG_KEYS = {"dreambooth_path", "lora_model_path", "lora_alpha", "inference_config",
                "motion_module", "motion_module_lora_configs", "adapter_lora_path",
                "adapter_lora_scale", "seed", "steps", "guidance_scale", "prompt", "n_prompt",
-               "W", "H", "L", "scheduler", "fps"}
+               "W", "H", "L", "scheduler", "fps"} | {
+               # long videos (ours; the official configs have none; same names as the flags)
+               "context_length", "context_overlap", "context_stride", "context_schedule",
+               "closed_loop", "fuse", "prompt_interpolation", "free_init", "free_init_method",
+               "free_init_fast", "free_noise", "free_noise_length", "free_noise_stride"}
 UNSUPPORTED_PREFIX = "controlnet"
 DEFAULT_NEGATIVE = ""
 
@@ -74,6 +78,30 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--lora", action="append", default=[], metavar="PATH[:ALPHA]",
                   help="kohya/A1111 LoRA merged into the UNet and text encoder (default alpha 0.8)")
   ap.add_argument("--clip-skip", type=int, default=1)
+  lv = ap.add_argument_group(
+      "long videos", "frames beyond the motion module's window (docs/long_videos.md). A prompt with "
+      "keyframe lines travels: --prompt $'0: a red circle\n32: a blue square' (or '0: ... | 32: ...')")
+  lv.add_argument("--context-length", type=int, default=None, metavar="L",
+                  help="context windows of L frames (off by default; 16 for the v2/v3 motion modules)")
+  lv.add_argument("--context-overlap", type=int, default=4, help="frames shared by neighbouring windows")
+  lv.add_argument("--context-stride", type=int, default=1,
+                  help="dilation levels 1, 2, 4, ... 2**(stride-1) (uniform/looped)")
+  lv.add_argument("--context-schedule", default="uniform", choices=["uniform", "static", "looped"])
+  lv.add_argument("--closed-loop", action="store_true", help="looped schedule: the last frame leads into the first")
+  lv.add_argument("--fuse", default="pyramid", choices=["pyramid", "flat"], help="how window outputs are averaged")
+  lv.add_argument("--context-batch", type=int, default=None, metavar="W",
+                  help="windows per UNet call (default: one per data-axis device; more is faster, uses more memory)")
+  lv.add_argument("--prompt-interpolation", default="lerp", choices=["lerp", "slerp"],
+                  help="between prompt keyframes")
+  lv.add_argument("--free-noise", action="store_true",
+                  help="FreeNoise: rescheduled noise + motion-module windows (--free-noise-length/-stride)")
+  lv.add_argument("--free-noise-length", type=int, default=16, metavar="L", help="FreeNoise window (default 16)")
+  lv.add_argument("--free-noise-stride", type=int, default=4, metavar="S", help="FreeNoise window stride (default 4)")
+  lv.add_argument("--free-init", type=int, default=0, metavar="N",
+                  help="FreeInit with N iterations (diffusers default 3; 0 = off)")
+  lv.add_argument("--free-init-method", default="butterworth", choices=["butterworth", "gaussian", "ideal"])
+  lv.add_argument("--free-init-fast", action="store_true",
+                  help="coarse-to-fine: iteration i runs steps * (i + 1) / N steps")
   ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
                   help="compute dtype of the text encoder, UNet and VAE (bf16 on GPU/TPU)")
   ap.add_argument("--attention-impl", default=None, choices=["xla", "cudnn"],
@@ -198,9 +226,10 @@ def entry_to_args(entry: dict, base: argparse.Namespace) -> argparse.Namespace:
   if entry.get("adapter_lora_path"):
     a.domain_adapter = f"{entry['adapter_lora_path']}:{entry.get('adapter_lora_scale', 1.0)}"
   prompts = entry.get("prompt") or base.prompt or [""]
-  a.prompt = [prompts] if isinstance(prompts, str) else list(prompts)
+  # A single string or {frame: text} mapping is one prompt; a list holds one per sample.
+  a.prompt = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
   n = entry.get("n_prompt", [base.negative_prompt or DEFAULT_NEGATIVE])
-  n = [n] if isinstance(n, str) else list(n)
+  n = [n] if isinstance(n, (str, dict)) else list(n)
   a.negative = n * len(a.prompt) if len(n) == 1 else n
   seed = entry.get("seed", base.seed)
   a.seed = [seed] if isinstance(seed, int) else list(seed)
@@ -211,6 +240,11 @@ def entry_to_args(entry: dict, base: argparse.Namespace) -> argparse.Namespace:
   a.frames = entry.get("L", base.frames)
   a.scheduler = entry.get("scheduler", base.scheduler)
   a.inference_config = entry.get("inference_config")
+  for key in ("context_length", "context_overlap", "context_stride", "context_schedule",
+              "closed_loop", "fuse", "prompt_interpolation", "free_init", "free_init_method",
+              "free_init_fast", "free_noise", "free_noise_length", "free_noise_stride"):
+    if key in entry:
+      setattr(a, key, entry[key])
   return a
 
 
@@ -248,20 +282,52 @@ def cli_schedule(args: argparse.Namespace):
 # ---------------------------------------------------------------------------------------------
 
 
+def long_video_options(args: argparse.Namespace) -> dict:
+  """SamplingConfig fields of the long-video flags (bad values fail here, before any loading)."""
+  from adiff_jax.context import ContextConfig
+  from adiff_jax.free_init import FreeInitConfig
+  out = dict(prompt_interpolation=args.prompt_interpolation, context_batch=args.context_batch)
+  if args.context_length is not None:
+    out["context"] = ContextConfig(context_length=args.context_length, overlap=args.context_overlap,
+                                   stride=args.context_stride, schedule=args.context_schedule,
+                                   closed_loop=args.closed_loop, fuse=args.fuse)
+  elif args.closed_loop or args.context_schedule != "uniform":
+    raise InputError("--context-schedule/--closed-loop need --context-length (context windows)")
+  if args.free_noise:
+    from adiff_jax.free_noise import FreeNoiseConfig
+    out["free_noise"] = FreeNoiseConfig(context_length=args.free_noise_length,
+                                        context_stride=args.free_noise_stride)
+  if args.free_init < 0:
+    raise InputError(f"--free-init takes a number of iterations >= 0, got {args.free_init}")
+  if args.free_init:
+    out["free_init"] = FreeInitConfig(iterations=args.free_init, method=args.free_init_method,
+                                      fast_sampling=args.free_init_fast)
+  return out
+
+
 def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   import jax
+  from adiff_jax import prompt_travel
   from adiff_jax.sampling import Pipeline, SamplingConfig
   from adiff_jax.sharding import make_mesh
   from adiff_jax.video_io import grid, save_gif, save_mp4, to_uint8
 
   schedule = cli_schedule(args)
+  long_video = long_video_options(args)
+  travel = [prompt_travel.as_prompt(p) for p in (args.prompt or [])]
+  neg_travel = [prompt_travel.as_prompt(p) for p in
+                (getattr(args, "negative", None) or [args.negative_prompt or DEFAULT_NEGATIVE])]
+  for p in travel:
+    prompt_travel.check(p, args.frames)
+  for p in neg_travel:
+    prompt_travel.check(p, args.frames, "negative prompt")
   cfg, params, lora, desc = load_model(args)
   from adiff_jax import builtin as builtin_lib
   builtin = builtin_lib.is_builtin(args.ckpt)
   h = args.height or (64 if builtin else 512)
   w = args.width or (64 if builtin else 512)
-  prompts = list(args.prompt or (builtin_lib.DEFAULT_PROMPTS if builtin else [""]))
-  negative = getattr(args, "negative", None) or [args.negative_prompt or DEFAULT_NEGATIVE] * len(prompts)
+  prompts = travel or list(builtin_lib.DEFAULT_PROMPTS if builtin else [""])
+  negative = neg_travel * len(prompts) if len(neg_travel) == 1 else neg_travel
   n = args.num_samples
   prompts = [p for p in prompts for _ in range(n)]
   negative = [q for q in negative for _ in range(n)]
@@ -274,7 +340,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   sc = SamplingConfig(frames=args.frames, height=h, width=w, steps=args.steps,
                       guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                       clip_skip=args.clip_skip,
-                      schedule=schedule)
+                      schedule=schedule, **long_video)
   mesh = None
   if len(jax.devices()) > 1:
     mesh = make_mesh(frames=args.mesh_frames)
@@ -283,6 +349,20 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   print(f"model: {desc}")
   print(f"sampling {len(prompts)} video(s): {sc.frames} frames {h}x{w}, {sc.steps} {sc.scheduler} "
         f"steps, guidance {sc.guidance_scale}, dtype {args.dtype}, seeds {seeds}")
+  if sc.context is not None and sc.frames > sc.context.context_length:
+    c = sc.context
+    print(f"context windows: {c.context_length} frames, overlap {c.overlap}, {c.schedule} schedule"
+          f"{' (closed loop)' if c.closed_loop else ''}, {c.fuse} fusion, "
+          f"{pipe.context_batch(sc)} window(s) per UNet call")
+  if sc.free_noise is not None:
+    print(f"FreeNoise: windows of {sc.free_noise.context_length} frames, stride "
+          f"{sc.free_noise.context_stride}, rescheduled noise")
+  if sc.free_init is not None:
+    print(f"FreeInit: {sc.free_init.iterations} iterations, {sc.free_init.method} filter"
+          f"{', fast sampling' if sc.free_init.fast_sampling else ''}")
+  for p in prompts:
+    if not isinstance(p, str):
+      print(f"prompt travel ({sc.prompt_interpolation}): {prompt_travel.describe(p)}")
   t0 = time.perf_counter()
   try:
     frames = to_uint8(pipe(prompts, negative, seeds, sc))
@@ -293,7 +373,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   os.makedirs(os.path.join(out_dir, "sample"), exist_ok=True)
   written = []
   for i, (p, s, v) in enumerate(zip(prompts, seeds, frames)):
-    stem = os.path.join(out_dir, "sample", f"{i}-{_slug(p)}-seed{s}")
+    stem = os.path.join(out_dir, "sample", f"{i}-{_slug(prompt_travel.describe(p))}-seed{s}")
     written += [save_gif(v, stem + ".gif", args.fps), save_mp4(v, stem + ".mp4", args.fps)]
   written.append(save_gif(grid(list(frames)), os.path.join(out_dir, "sample.gif"), args.fps))
   resolved = dict(ckpt=args.ckpt or "builtin", motion_module=args.motion_module,
@@ -301,6 +381,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
                   prompt=prompts, n_prompt=negative, seed=seeds, steps=sc.steps,
                   guidance_scale=sc.guidance_scale, scheduler=sc.scheduler, W=w, H=h, L=sc.frames,
                   dtype=args.dtype, fps=args.fps, clip_skip=sc.clip_skip,
+                  **_long_video_resolved(args),
                   noise_scheduler_kwargs={k: v for k, v in dataclasses.asdict(sc.schedule).items()})
   import yaml
   cfg_path = os.path.join(out_dir, "config.yaml")
@@ -308,6 +389,24 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
     yaml.safe_dump(resolved, f, sort_keys=False)
   written.append(cfg_path)
   return written
+
+
+def _long_video_resolved(args: argparse.Namespace) -> dict:
+  """The long-video settings in prompt-config keys (only those in use)."""
+  out = {}
+  if args.context_length is not None:
+    out.update(context_length=args.context_length, context_overlap=args.context_overlap,
+               context_stride=args.context_stride, context_schedule=args.context_schedule,
+               closed_loop=args.closed_loop, fuse=args.fuse)
+  if args.free_init:
+    out.update(free_init=args.free_init, free_init_method=args.free_init_method,
+               free_init_fast=args.free_init_fast)
+  if args.free_noise:
+    out.update(free_noise=True, free_noise_length=args.free_noise_length,
+               free_noise_stride=args.free_noise_stride)
+  if args.prompt_interpolation != "lerp":
+    out["prompt_interpolation"] = args.prompt_interpolation
+  return out
 
 
 def _slug(text: str, n: int = 40) -> str:

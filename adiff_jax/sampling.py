@@ -153,21 +153,22 @@ class Pipeline:
     return 1 if self.mesh is None else int(dict(zip(self.mesh.axis_names, self.mesh.devices.shape))["data"])
 
   def denoise(self, noise: jax.Array, cond: jax.Array, uncond: jax.Array, cfg: SamplingConfig,
-              progress: bool = True) -> jax.Array:
-    """The whole denoising loop, compiled once per (shape, scheduler, steps, windows)."""
+              progress: bool = True, key: Optional[jax.Array] = None) -> jax.Array:
+    """The whole denoising loop, compiled once per (shape, scheduler, steps, windows).
+    key: the noise a stochastic sampler injects between steps (DDIM eta > 0, LCM)."""
     sampler = make_sampler(cfg.scheduler, cfg.schedule, cfg.steps, eta=cfg.eta)
     frames = noise.shape[1]
     windowed = cfg.context is not None and frames > cfg.context.context_length
     group = self.context_batch(cfg) if windowed else 1
-    key = (cfg.scheduler, cfg.steps, cfg.eta, cfg.schedule, progress, cfg.guided,
-           (cfg.context, frames, group) if windowed else None, cfg.free_noise)
-    if key not in self._loops:
+    loop_key = (cfg.scheduler, cfg.steps, cfg.eta, cfg.schedule, progress, cfg.guided,
+                (cfg.context, frames, group) if windowed else None, cfg.free_noise)
+    if loop_key not in self._loops:
       plan = plan_windows(frames, cfg.steps, cfg.context, group) if windowed else None
-      self._loops[key] = _make_loop(self.unet_for(cfg.free_noise), sampler, progress, cfg.guided,
-                                    plan, group)
-    loop = self._loops[key]
+      self._loops[loop_key] = _make_loop(self.unet_for(cfg.free_noise), sampler, progress,
+                                         cfg.guided, plan, group)
+    loop = self._loops[loop_key]
     args = (self.params["unet"], self.lora, noise, cond, uncond,
-            jnp.float32(cfg.guidance_scale), jax.random.key(0))
+            jnp.float32(cfg.guidance_scale), jax.random.key(0) if key is None else key)
     if self.mesh is None:
       return loop(*args)
     with jax.set_mesh(self.mesh):
@@ -212,7 +213,8 @@ class Pipeline:
         start = free_init_lib.reinit(latents, noise, self.initial_noise(seeds, cfg, stream=it),
                                      cfg.schedule, fi)
       steps = cfg.steps if fi is None else free_init_lib.iteration_steps(cfg.steps, it, fi)
-      latents = self.denoise(start, cond, uncond, dataclasses.replace(cfg, steps=steps), progress)
+      latents = self.denoise(start, cond, uncond, dataclasses.replace(cfg, steps=steps), progress,
+                             key=jax.random.fold_in(seed_key(seeds[0]), _STEP_NOISE_STREAM + it))
     if not bool(jnp.isfinite(latents).all()):
       raise FloatingPointError(
           "the denoising loop produced NaN/inf latents (a black video otherwise). Try --dtype f32, "
@@ -221,7 +223,9 @@ class Pipeline:
     return np.asarray(self.decode(latents, cfg))
 
 
-_FREE_NOISE_STREAM = 1 << 20   # fold_in tag of the rescheduling key (FreeInit uses 1, 2, ...)
+# fold_in tags of further draws from a user seed (FreeInit's fresh noise uses 1, 2, ...).
+_FREE_NOISE_STREAM = 1 << 20   # FreeNoise's shuffles
+_STEP_NOISE_STREAM = 1 << 21   # noise injected between steps (LCM, DDIM eta > 0), + FreeInit iteration
 
 
 def seed_key(seed: int) -> jax.Array:
@@ -272,14 +276,14 @@ def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
     def body(carry, i):
       x, state = carry
       return sample_step(sampler, guided_eps(params, lora, cond, uncond, guidance, i), x, state, i), None
-    carry = sample_init(sampler, noise, key=key if sampler.eta else None)
+    carry = sample_init(sampler, noise, key=key if sampler.stochastic else None)
     (x, _), _ = jax.lax.scan(body, carry, jnp.arange(sampler.num_steps))
     return x
 
   if not progress:
     return jax.jit(whole)
 
-  init = jax.jit(lambda noise, key: sample_init(sampler, noise, key=key if sampler.eta else None))
+  init = jax.jit(lambda noise, key: sample_init(sampler, noise, key=key if sampler.stochastic else None))
   step = jax.jit(lambda params, lora, x, state, cond, uncond, guidance, i: sample_step(
       sampler, guided_eps(params, lora, cond, uncond, guidance, i), x, state, i))
 
