@@ -225,10 +225,39 @@ class UNet3D(nn.Module):
       raise InputError(f"text context width {context.shape[-1]} != cross_attention_dim "
                        f"{cfg.cross_attention_dim}")
 
+  def check_residuals(self, sample, down_residuals, mid_residual):
+    """ControlNet residuals must match the skip features / mid-block output they add to."""
+    if down_residuals is None and mid_residual is None:
+      return
+    if down_residuals is None or mid_residual is None:
+      raise InputError("down_residuals and mid_residual come together (a ControlNet's output)")
+    cfg = self.config
+    b, f, h, w, _ = sample.shape
+    chans, n = cfg.block_out_channels, len(cfg.block_out_channels)
+    want = [(b, f, h, w, chans[0])]
+    for i in range(n):
+      s = 2 ** i
+      want += [(b, f, h // s, w // s, chans[i])] * cfg.layers_per_block
+      if i < n - 1:
+        want.append((b, f, h // (2 * s), w // (2 * s), chans[i]))
+    got = [tuple(r.shape) for r in down_residuals]
+    if got != want:
+      raise InputError(f"down_residuals: expected {len(want)} arrays of shapes {want}; got {got}")
+    mid = (b, f, h // 2 ** (n - 1), w // 2 ** (n - 1), chans[-1])
+    if tuple(mid_residual.shape) != mid:
+      raise InputError(f"mid_residual: expected shape {mid}; got {tuple(mid_residual.shape)}")
+
   @nn.compact
-  def __call__(self, sample, timesteps, context):
-    """sample (B, F, H, W, Cin); timesteps scalar, (B,) or (B, F); context (B, L, D) or (B, F, L, D)."""
+  def __call__(self, sample, timesteps, context, down_residuals=None, mid_residual=None):
+    """sample (B, F, H, W, Cin); timesteps scalar, (B,) or (B, F); context (B, L, D) or (B, F, L, D).
+
+    down_residuals / mid_residual (optional, together): a ControlNet's output (e.g.
+    `adiff_jax.sparse_ctrl.SparseControlNet`), added to every skip feature after the down
+    pass and to the mid block's output, as diffusers' `down_block_additional_residuals` /
+    `mid_block_additional_residual`. Without them nothing is added.
+    """
     self.check_inputs(sample, timesteps, context)
+    self.check_residuals(sample, down_residuals, mid_residual)
     cfg, mm = self.config, self.motion
     spec = _BlockSpec(cfg, mm, self.attention_impl, self.remat, self.dtype, self.param_dtype,
                       self.free_noise)
@@ -238,23 +267,19 @@ class UNet3D(nn.Module):
     n = len(chans)
     has_motion = lambda level: mm is not None and 2 ** level in mm.resolutions
 
-    # One time embedding per frame: (B, F, 4*C0).
-    t = jnp.asarray(timesteps, jnp.float32)
-    t = jnp.broadcast_to(t.reshape(t.shape + (1,) * (2 - t.ndim)), (b, f))
-    temb = timestep_features(t, chans[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-    temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(temb.astype(self.dtype))
+    temb = frame_time_embedding(timesteps, b, f, cfg, self.dtype, self.param_dtype)  # (B, F, 4*C0)
     context = context.astype(self.dtype)
 
     x = constrain(sample.astype(self.dtype), (DATA, FRAMES))
     x = Conv2d(chans[0], name="conv_in", **kw)(x)
-    skips = [x]
-    for i in range(n):
-      x, s = DownBlock(spec, chans[i], heads[i] if cfg.cross_attention_levels[i] else None,
-                       has_motion(i), downsample=i < n - 1, name=f"down_blocks_{i}")(x, temb, context)
-      skips += s
+    x, skips = down_pass(spec, x, temb, context)
+    if down_residuals is not None:
+      skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
 
     x = MidBlock(spec, chans[-1], heads[-1], mm is not None and mm.mid_block,
                  name="mid_block")(x, temb, context)
+    if mid_residual is not None:
+      x = x + mid_residual.astype(x.dtype)
 
     for i in range(n):
       level = n - 1 - i
@@ -267,6 +292,31 @@ class UNet3D(nn.Module):
     x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, across, name="conv_norm_out", **kw)(x)
     x = Conv2d(cfg.out_channels, name="conv_out", **kw)(nn.silu(x))
     return constrain(x, (DATA, FRAMES))
+
+
+def frame_time_embedding(timesteps, b: int, f: int, cfg: UNetConfig, dtype, param_dtype):
+  """One time embedding per frame, (B, F, 4*C0), from a scalar, (B,) or (B, F) timesteps.
+  Call inside a compact method: the `time_embedding` layer belongs to the caller."""
+  t = jnp.asarray(timesteps, jnp.float32)
+  t = jnp.broadcast_to(t.reshape(t.shape + (1,) * (2 - t.ndim)), (b, f))
+  temb = timestep_features(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+  return TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", dtype=dtype,
+                           param_dtype=param_dtype)(temb.astype(dtype))
+
+
+def down_pass(spec: _BlockSpec, x, temb, context):
+  """The down blocks (`down_blocks_<i>`, in the caller) on conv_in's output x: (the lowest
+  level's features, every skip feature starting with x), as UNet3D and SparseCtrl use them."""
+  cfg, mm = spec.config, spec.motion
+  chans, heads = cfg.block_out_channels, cfg.heads
+  n = len(chans)
+  skips = [x]
+  for i in range(n):
+    x, s = DownBlock(spec, chans[i], heads[i] if cfg.cross_attention_levels[i] else None,
+                     mm is not None and 2 ** i in mm.resolutions, downsample=i < n - 1,
+                     name=f"down_blocks_{i}")(x, temb, context)
+    skips += s
+  return x, skips
 
 
 def init_params(key: jax.Array, model: UNet3D, frames: int = 2, size: int | None = None):
