@@ -6,7 +6,7 @@ import os
 import re
 from typing import Optional
 
-from convert_weights import io, ldm
+from convert_weights import io, ldm, sparse_ctrl_keys
 
 # format id -> human description
 FORMATS = {
@@ -14,6 +14,8 @@ FORMATS = {
     "sd2": "LDM single-file SD2.x checkpoint (not supported yet)",
     "sdxl": "SDXL checkpoint (not supported yet)",
     "diffusers_folder": "diffusers model folder (unet/ vae/ text_encoder/)",
+    "sparse_ctrl_original": "AnimateDiff SparseCtrl, original (guoyww) format",
+    "sparse_ctrl_diffusers": "AnimateDiff SparseCtrl, diffusers SparseControlNetModel format",
     "motion_module_original": "AnimateDiff motion module, original (guoyww) format",
     "motion_module_diffusers": "AnimateDiff motion module, diffusers MotionAdapter format",
     "unet_with_motion_modules": "whole video-UNet state dict (official train.py output); motion modules are taken",
@@ -37,6 +39,8 @@ def detect_keys(keys) -> str:
     return "sd2"
   if starts(ldm.UNET_PREFIX):
     return "ldm"
+  if sparse_ctrl_keys.is_sparse_ctrl(keys):
+    return "sparse_ctrl_original" if has(".temporal_transformer.") else "sparse_ctrl_diffusers"
   if has("_lora.down.weight") or has("_lora.up.weight"):
     return "motion_lora" if has("motion_modules.") else "domain_adapter"
   if has("motion_modules."):
@@ -46,6 +50,19 @@ def detect_keys(keys) -> str:
   if "conv_in.weight" in keys and starts("down_blocks."):
     return "diffusers_unet"
   return "unknown"
+
+
+SPARSE_CTRL_KINDS = {
+    "rgb": "SparseCtrl RGB (v3_sd15_sparsectrl_rgb: VAE-latent keyframes + mask, one-conv embedding)",
+    "scribble": "SparseCtrl scribble (v3_sd15_sparsectrl_scribble: image keyframes + mask, "
+                "ControlNet conditioning embedding)",
+    "unknown": "SparseCtrl with an unknown condition embedding",
+}
+
+
+def sparse_ctrl_name(keys) -> str:
+  """What inspect calls a SparseCtrl file: RGB or scribble, from its condition embedding."""
+  return SPARSE_CTRL_KINDS[sparse_ctrl_keys.kind(keys)]
 
 
 def detect_path(path: str) -> str:

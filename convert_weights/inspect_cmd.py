@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from convert_weights import io, ldm
-from convert_weights.detect import FORMATS, detect_keys, known_file
+from convert_weights.detect import FORMATS, detect_keys, known_file, sparse_ctrl_name
 from convert_weights.errors import ConversionError, few
 
 
@@ -26,6 +26,13 @@ def _check(path: str, fmt: str) -> tuple[str, list[str]]:
     b = base.load_base_model(path, info=info)
     parts = [n for n in ("unet", "vae", "text_encoder") if n in b]
     return f"converts: {', '.join(parts)}", info.get("notes", [])
+  if fmt.startswith("sparse_ctrl"):
+    from convert_weights import sparse_ctrl_files
+    _, cfg, unet = sparse_ctrl_files.load_sparse_ctrl(path, info=info)
+    return (f"SparseCtrl {cfg.kind}: condition {cfg.conditioning_channels} channels"
+            f"{' + mask' if cfg.concat_conditioning_mask else ''} at {cfg.condition_factor}x the latent "
+            f"size, UNet channels {list(unet.block_out_channels)}, motion pe length {cfg.motion.max_len} "
+            f"(buffers {'present' if info['extras'] else 'absent'})"), info.get("notes", [])
   if fmt.startswith("motion_module") or fmt == "unet_with_motion_modules":
     _, cfg, version = motion.load_motion_module(path, info=info)
     return (f"motion module version {version} (pe length {cfg.max_len}, mid block {cfg.mid_block}, "
@@ -71,6 +78,8 @@ def inspect(path: str, check: bool = True) -> str:
       sd = io.load_torch_file(path, info)
     fmt = detect_keys(sd)
     lines.append(f"format: {fmt}: {FORMATS[fmt]}")
+    if fmt.startswith("sparse_ctrl"):
+      lines.append(f"model: {sparse_ctrl_name(sd)}")
     known = known_file(path, fmt)
     if known:
       lines += [f"known file: {known[1]}", f"use: {known[2]}"]

@@ -89,11 +89,15 @@ def _flatten_pickle(obj: Any, path: str, info: dict) -> dict[str, np.ndarray]:
     raise ConversionError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
   if "animatediff_config" in obj:
     info["animatediff_config"] = obj["animatediff_config"]
-  if isinstance(obj.get("state_dict"), dict):  # Lightning / official training wrappers
-    dropped = [k for k in obj if k not in ("state_dict", "animatediff_config")]
+  # Lightning / official training wrappers; the official SparseCtrl loader unwraps "controlnet".
+  wrapper = next((w for w in ("state_dict", "controlnet") if isinstance(obj.get(w), dict)), None)
+  if wrapper:
+    dropped = [k for k in obj if k not in (wrapper, "animatediff_config")]
     if dropped:
       info["notes"].append(f"ignored wrapper entries: {', '.join(map(str, dropped[:8]))}")
-    obj = obj["state_dict"]
+    obj = obj[wrapper]
+    if "animatediff_config" in obj:
+      info["animatediff_config"] = obj["animatediff_config"]
   out, skipped = {}, []
   for k, v in obj.items():
     if isinstance(v, torch.Tensor):

@@ -57,7 +57,8 @@ def infer_unet_config(sd: dict, **overrides) -> UNetConfig:
   k2 = [k for k in keys if k.endswith("attn2.to_k.weight")]
   depth = _count(keys, r"down_blocks\.\d+\.attentions\.0\.transformer_blocks\.(\d+)\.") or 1
   proj = next((sd[k] for k in keys if k.endswith("attentions.0.proj_in.weight")), None)
-  kw = dict(in_channels=int(sd["conv_in.weight"].shape[1]), out_channels=int(sd["conv_out.weight"].shape[0]),
+  out = sd["conv_out.weight"].shape[0] if "conv_out.weight" in sd else 4  # a ControlNet has none
+  kw = dict(in_channels=int(sd["conv_in.weight"].shape[1]), out_channels=int(out),
             block_out_channels=chans, cross_attention_levels=cross,
             layers_per_block=_count(keys, r"down_blocks\.0\.resnets\.(\d+)\."),
             cross_attention_dim=int(sd[k2[0]].shape[1]) if k2 else 768, transformer_depth=depth,
