@@ -35,7 +35,8 @@ CONFIG_KEYS = {"dreambooth_path", "lora_model_path", "lora_alpha", "inference_co
                # long videos (ours; the official configs have none; same names as the flags)
                "context_length", "context_overlap", "context_stride", "context_schedule",
                "closed_loop", "fuse", "prompt_interpolation", "free_init", "free_init_method",
-               "free_init_fast", "free_noise", "free_noise_length", "free_noise_stride"}
+               "free_init_fast", "free_init_ds", "free_init_dt", "free_init_order", "free_noise",
+               "free_noise_length", "free_noise_stride"}
 UNSUPPORTED_PREFIX = "controlnet"
 DEFAULT_NEGATIVE = ""
 
@@ -101,6 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   lv.add_argument("--free-init", type=int, default=0, metavar="N",
                   help="FreeInit with N iterations (diffusers default 3; 0 = off)")
   lv.add_argument("--free-init-method", default="butterworth", choices=["butterworth", "gaussian", "ideal"])
+  lv.add_argument("--free-init-ds", type=float, default=0.25, metavar="D",
+                  help="FreeInit spatial stop frequency d_s (default 0.25)")
+  lv.add_argument("--free-init-dt", type=float, default=0.25, metavar="D",
+                  help="FreeInit temporal stop frequency d_t (default 0.25)")
+  lv.add_argument("--free-init-order", type=int, default=4, help="FreeInit Butterworth order (default 4)")
   lv.add_argument("--free-init-fast", action="store_true",
                   help="coarse-to-fine: iteration i runs steps * (i + 1) / N steps")
   ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
@@ -243,7 +249,8 @@ def entry_to_args(entry: dict, base: argparse.Namespace) -> argparse.Namespace:
   a.inference_config = entry.get("inference_config")
   for key in ("context_length", "context_overlap", "context_stride", "context_schedule",
               "closed_loop", "fuse", "prompt_interpolation", "free_init", "free_init_method",
-              "free_init_fast", "free_noise", "free_noise_length", "free_noise_stride"):
+              "free_init_fast", "free_init_ds", "free_init_dt", "free_init_order", "free_noise",
+              "free_noise_length", "free_noise_stride"):
     if key in entry:
       setattr(a, key, entry[key])
   return a
@@ -302,6 +309,8 @@ def long_video_options(args: argparse.Namespace) -> dict:
     raise InputError(f"--free-init takes a number of iterations >= 0, got {args.free_init}")
   if args.free_init:
     out["free_init"] = FreeInitConfig(iterations=args.free_init, method=args.free_init_method,
+                                      order=args.free_init_order, spatial_stop_frequency=args.free_init_ds,
+                                      temporal_stop_frequency=args.free_init_dt,
                                       fast_sampling=args.free_init_fast)
   return out
 
@@ -403,7 +412,8 @@ def _long_video_resolved(args: argparse.Namespace) -> dict:
                closed_loop=args.closed_loop, fuse=args.fuse)
   if args.free_init:
     out.update(free_init=args.free_init, free_init_method=args.free_init_method,
-               free_init_fast=args.free_init_fast)
+               free_init_ds=args.free_init_ds, free_init_dt=args.free_init_dt,
+               free_init_order=args.free_init_order, free_init_fast=args.free_init_fast)
   if args.free_noise:
     out.update(free_noise=True, free_noise_length=args.free_noise_length,
                free_noise_stride=args.free_noise_stride)

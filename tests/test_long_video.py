@@ -230,3 +230,23 @@ def test_long_video_errors(reference):
     p([{0: "a", 20: "b"}], cfg=SamplingConfig(frames=16, height=32, width=32, steps=1))
   with pytest.raises(InputError, match="iterations"):
     FreeInitConfig(iterations=0)
+
+
+def test_cli_long_video_options():
+  sys.path.insert(0, ROOT)
+  import sample
+  args = sample.parse_args(["--frames", "64", "--context-length", "16", "--context-overlap", "3",
+                            "--context-schedule", "looped", "--closed-loop", "--fuse", "flat",
+                            "--free-init", "2", "--free-init-method", "gaussian", "--free-init-ds", "0.3",
+                            "--free-noise", "--prompt-interpolation", "slerp"])
+  opts = sample.long_video_options(args)
+  assert opts["context"] == ContextConfig(context_length=16, overlap=3, schedule="looped",
+                                          closed_loop=True, fuse="flat")
+  assert opts["free_init"] == FreeInitConfig(iterations=2, method="gaussian", spatial_stop_frequency=0.3)
+  assert opts["free_noise"] == FreeNoiseConfig() and opts["prompt_interpolation"] == "slerp"
+  for bad, msg in [(["--context-length", "16", "--context-overlap", "16"], "overlap"),
+                   (["--closed-loop"], "need --context-length"),
+                   (["--free-init", "-1"], "iterations"),
+                   (["--free-init", "2", "--free-init-ds", "2"], "spatial_stop_frequency")]:
+    with pytest.raises(InputError, match=msg):
+      sample.long_video_options(sample.parse_args(bad))
