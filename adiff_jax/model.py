@@ -66,7 +66,8 @@ def param_shapes(config, motion: Optional[MotionModuleConfig] = None) -> Pytree:
   if isinstance(config, UNetConfig):
     f = config.downsample_factor   # the smallest input the UNet takes; 2 frames for the motion module
     return jax.eval_shape(UNet3D(config, motion).init, key, jnp.zeros((1, 2, f, f, config.in_channels)),
-                          jnp.zeros((1,)), jnp.zeros((1, 1, config.cross_attention_dim)))["params"]
+                          jnp.zeros((1,)), jnp.zeros((1, 1, config.cross_attention_dim)),
+                          added_cond=config.dummy_added_cond())["params"]
   if isinstance(config, CLIPTextConfig):
     return jax.eval_shape(CLIPTextModel(config).init, key, jnp.zeros((1, 2), jnp.int32))["params"]
   if isinstance(config, VAEConfig):

@@ -32,6 +32,9 @@ class MotionModuleConfig:
   inflated_groupnorm: base-UNet GroupNorm per frame (True, v2/v3) or pooled across frames
     (False, v1 `use_inflated_groupnorm: false`).
   resolutions: which UNet levels (downsampling factors) get motion modules.
+  norm_across_frames: the motion module's own GroupNorm per frame (False: official SD1.5 code)
+    or pooled over frames, H and W (True: the official SDXL code, which normalises the
+    5-D (b, c, f, h, w) tensor; diffusers always pools).
   """
   num_heads: int = 8
   num_transformer_blocks: int = 1
@@ -43,6 +46,7 @@ class MotionModuleConfig:
   mid_block: bool = False
   inflated_groupnorm: bool = True
   resolutions: tuple[int, ...] = (1, 2, 4, 8)
+  norm_across_frames: bool = False
 
   @classmethod
   def v1(cls, **kw) -> "MotionModuleConfig":
@@ -60,8 +64,15 @@ class MotionModuleConfig:
     return cls(**{**dict(max_len=32, mid_block=False, inflated_groupnorm=True), **kw})
 
   @classmethod
+  def sdxl(cls, **kw) -> "MotionModuleConfig":
+    """mm_sdxl_v10_beta (official `sdxl` branch): the 3 SDXL levels, no mid block, pe 32,
+    per-frame base-UNet GroupNorm, motion-module GroupNorm pooled over frames."""
+    return cls(**{**dict(max_len=32, mid_block=False, inflated_groupnorm=True,
+                         norm_across_frames=True, resolutions=(1, 2, 4)), **kw})
+
+  @classmethod
   def preset(cls, name: str, **kw) -> "MotionModuleConfig":
-    presets = {"v1": cls.v1, "v2": cls.v2, "v3": cls.v3}
+    presets = {"v1": cls.v1, "v2": cls.v2, "v3": cls.v3, "sdxl": cls.sdxl}
     if name not in presets:
       raise InputError(f"unknown motion-module preset {name!r}; choose from {sorted(presets)}")
     return presets[name](**kw)
@@ -117,7 +128,7 @@ class TemporalTransformer(nn.Module):
     b, f, hh, ww, c = x.shape
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = GroupNorm(cfg.norm_groups, 1e-6, name="norm", **kw)(x)
+    h = GroupNorm(cfg.norm_groups, 1e-6, cfg.norm_across_frames, name="norm", **kw)(x)
     h = nn.Dense(c, name="proj_in", **kw)(h)
     h = h.reshape(b, f, hh * ww, c).transpose(0, 2, 1, 3)              # (B, N, F, C)
     h = constrain(h, (DATA, FRAMES, None, None))

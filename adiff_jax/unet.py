@@ -29,7 +29,15 @@ class UNetConfig:
   cross_attention_levels[i]: whether down level i (and the mirrored up level) has spatial
   transformers (CrossAttn*Block) or only ResNets (DownBlock/UpBlock).
   attention_heads: heads of the spatial transformers per level (diffusers' confusingly named
-  `attention_head_dim=8` in SD1.5 is this head count).
+  `attention_head_dim=8` in SD1.5 is this head count; SDXL: channels / 64 = (5, 10, 20)).
+  transformer_depth: transformer blocks per spatial transformer, one int or one per level
+    (diffusers `transformer_layers_per_block`; up levels mirror down levels, the mid block
+    takes the last level's depth).
+  addition_embed_type: None (SD1.x) or "text_time" (SDXL): the UNet takes `added_cond`
+    {"text_embeds": (B, D), "time_ids": (B, K)}; time_ids are sinusoid-embedded with
+    `addition_time_embed_dim` each, concatenated after text_embeds
+    (`projection_class_embeddings_input_dim` = D + K * addition_time_embed_dim) and passed
+    through `add_embedding` (linear_1, SiLU, linear_2) into the time embedding.
   """
   in_channels: int = 4
   out_channels: int = 4
@@ -40,18 +48,40 @@ class UNetConfig:
   cross_attention_dim: int = 768
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
-  transformer_depth: int = 1
+  transformer_depth: int | tuple[int, ...] = 1
   use_linear_projection: bool = False
   flip_sin_to_cos: bool = True
   freq_shift: float = 0.0
+  addition_embed_type: Optional[str] = None
+  addition_time_embed_dim: int = 256
+  projection_class_embeddings_input_dim: int = 2816
 
   def __post_init__(self):
     if len(self.cross_attention_levels) != len(self.block_out_channels):
       raise InputError("cross_attention_levels needs one entry per block_out_channels level")
+    d = self.transformer_depth
+    if not isinstance(d, int) and len(d) != len(self.block_out_channels):
+      raise InputError("transformer_depth: one int or one entry per block_out_channels level")
+    if any(n < 1 for n, c in zip(self.depths, self.cross_attention_levels) if c) or self.depths[-1] < 1:
+      raise InputError(f"transformer_depth {d}: levels with spatial transformers (and the mid "
+                       "block, which takes the last level's) need at least one block")
+    if self.addition_embed_type not in (None, "text_time"):
+      raise InputError(f"addition_embed_type {self.addition_embed_type!r}: only None or "
+                       "'text_time' (SDXL) are supported")
 
   @classmethod
   def sd15(cls) -> "UNetConfig":
     return cls()
+
+  @classmethod
+  def sdxl(cls, **kw) -> "UNetConfig":
+    """SDXL base: 320/640/1280, no transformers at level 0, depth 2 and 10 (mid 10), linear
+    proj_in/out, head dim 64, 2048-wide text, pooled text (1280) + 6 time ids added."""
+    base = dict(block_out_channels=(320, 640, 1280), cross_attention_levels=(False, True, True),
+                attention_heads=(5, 10, 20), cross_attention_dim=2048, transformer_depth=(1, 2, 10),
+                use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    return cls(**{**base, **kw})
 
   @classmethod
   def tiny(cls, **kw) -> "UNetConfig":
@@ -64,6 +94,26 @@ class UNetConfig:
   def heads(self) -> tuple[int, ...]:
     h = self.attention_heads
     return (h,) * len(self.block_out_channels) if isinstance(h, int) else tuple(h)
+
+  @property
+  def depths(self) -> tuple[int, ...]:
+    d = self.transformer_depth
+    return (d,) * len(self.block_out_channels) if isinstance(d, int) else tuple(d)
+
+  @property
+  def added_cond_shapes(self) -> Optional[dict]:
+    """{"text_embeds": D, "time_ids": K} widths of `added_cond` (None without an added embedding).
+    K = 6 for SDXL; the text width is what the projection leaves."""
+    if self.addition_embed_type is None:
+      return None
+    k = 6
+    return {"text_embeds": self.projection_class_embeddings_input_dim - k * self.addition_time_embed_dim,
+            "time_ids": k}
+
+  def dummy_added_cond(self, batch: int = 1, dtype=jnp.float32) -> Optional[dict]:
+    """Zeros of the `added_cond` shapes (None without an added embedding): for init/eval_shape."""
+    w = self.added_cond_shapes
+    return None if w is None else {k: jnp.zeros((batch, n), dtype) for k, n in w.items()}
 
   @property
   def downsample_factor(self) -> int:
@@ -98,9 +148,10 @@ class _BlockSpec:
     return self._wrap(ResnetBlock)(out, cfg.norm_num_groups, cfg.norm_eps, across, name=name,
                                    **self.kw)
 
-  def spatial(self, heads, name):
+  def spatial(self, heads, name, depth=None):
     cfg = self.config
-    return self._wrap(SpatialTransformer)(heads, cfg.transformer_depth, cfg.norm_num_groups,
+    depth = cfg.depths[-1] if depth is None else depth
+    return self._wrap(SpatialTransformer)(heads, depth, cfg.norm_num_groups,
                                           cfg.use_linear_projection, self.attention_impl,
                                           name=name, **self.kw)
 
@@ -119,6 +170,7 @@ class DownBlock(nn.Module):
   heads: Optional[int]       # None: no spatial transformers (DownBlock2D)
   motion: bool
   downsample: bool
+  depth: Optional[int] = None  # transformer blocks per spatial transformer (None: the last level's)
 
   @nn.compact
   def __call__(self, x, temb, context):
@@ -126,7 +178,7 @@ class DownBlock(nn.Module):
     for j in range(self.spec.config.layers_per_block):
       x = self.spec.resnet(self.out_channels, f"resnets_{j}")(x, temb)
       if self.heads is not None:
-        x = self.spec.spatial(self.heads, f"attentions_{j}")(x, context)
+        x = self.spec.spatial(self.heads, f"attentions_{j}", self.depth)(x, context)
       if self.motion:
         x = self.spec.motion_module(f"motion_modules_{j}")(x)
       skips.append(x)
@@ -142,11 +194,12 @@ class MidBlock(nn.Module):
   channels: int
   heads: int
   motion: bool
+  depth: Optional[int] = None  # None: the last level's transformer depth (diffusers)
 
   @nn.compact
   def __call__(self, x, temb, context):
     x = self.spec.resnet(self.channels, "resnets_0")(x, temb)
-    x = self.spec.spatial(self.heads, "attentions_0")(x, context)
+    x = self.spec.spatial(self.heads, "attentions_0", self.depth)(x, context)
     if self.motion:
       x = self.spec.motion_module("motion_modules_0")(x)
     return self.spec.resnet(self.channels, "resnets_1")(x, temb)
@@ -159,6 +212,7 @@ class UpBlock(nn.Module):
   heads: Optional[int]
   motion: bool
   upsample: bool
+  depth: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, skips, temb, context):
@@ -166,7 +220,7 @@ class UpBlock(nn.Module):
       x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)  # hidden first, then skip
       x = self.spec.resnet(self.out_channels, f"resnets_{k}")(x, temb)
       if self.heads is not None:
-        x = self.spec.spatial(self.heads, f"attentions_{k}")(x, context)
+        x = self.spec.spatial(self.heads, f"attentions_{k}", self.depth)(x, context)
       if self.motion:
         x = self.spec.motion_module(f"motion_modules_{k}")(x)
     if self.upsample:
@@ -247,9 +301,33 @@ class UNet3D(nn.Module):
     if tuple(mid_residual.shape) != mid:
       raise InputError(f"mid_residual: expected shape {mid}; got {tuple(mid_residual.shape)}")
 
+  def check_added_cond(self, sample, added_cond):
+    """SDXL's added conditions: required by a `text_time` UNet, refused by any other."""
+    want = self.config.added_cond_shapes
+    if want is None:
+      if added_cond is not None:
+        raise InputError("added_cond given, but this UNet has no added embedding "
+                         "(UNetConfig.addition_embed_type is None)")
+      return
+    if not isinstance(added_cond, dict) or set(added_cond) != set(want):
+      raise InputError(f"this UNet (addition_embed_type {self.config.addition_embed_type!r}) needs "
+                       f"added_cond={{'text_embeds': (B, {want['text_embeds']}), 'time_ids': (B, "
+                       f"{want['time_ids']})}}; got "
+                       f"{sorted(added_cond) if isinstance(added_cond, dict) else added_cond!r}")
+    b = sample.shape[0]
+    for k, n in want.items():
+      got = tuple(jnp.shape(added_cond[k]))
+      if got != (b, n):
+        raise InputError(f"added_cond[{k!r}] must have shape ({b}, {n}); got {got}")
+
   @nn.compact
-  def __call__(self, sample, timesteps, context, down_residuals=None, mid_residual=None):
+  def __call__(self, sample, timesteps, context, down_residuals=None, mid_residual=None,
+               added_cond=None):
     """sample (B, F, H, W, Cin); timesteps scalar, (B,) or (B, F); context (B, L, D) or (B, F, L, D).
+
+    added_cond (SDXL, `addition_embed_type="text_time"`, required there and only there):
+    {"text_embeds": (B, 1280) pooled text, "time_ids": (B, 6) original size, crop, target size},
+    one per video, added to every frame's time embedding.
 
     down_residuals / mid_residual (optional, together): a ControlNet's output (e.g.
     `adiff_jax.sparse_ctrl.SparseControlNet`), added to every skip feature after the down
@@ -258,6 +336,7 @@ class UNet3D(nn.Module):
     """
     self.check_inputs(sample, timesteps, context)
     self.check_residuals(sample, down_residuals, mid_residual)
+    self.check_added_cond(sample, added_cond)
     cfg, mm = self.config, self.motion
     spec = _BlockSpec(cfg, mm, self.attention_impl, self.remat, self.dtype, self.param_dtype,
                       self.free_noise)
@@ -268,6 +347,8 @@ class UNet3D(nn.Module):
     has_motion = lambda level: mm is not None and 2 ** level in mm.resolutions
 
     temb = frame_time_embedding(timesteps, b, f, cfg, self.dtype, self.param_dtype)  # (B, F, 4*C0)
+    if added_cond is not None:
+      temb = temb + added_embedding(added_cond, cfg, self.dtype, self.param_dtype)[:, None]
     context = context.astype(self.dtype)
 
     x = constrain(sample.astype(self.dtype), (DATA, FRAMES))
@@ -286,7 +367,8 @@ class UNet3D(nn.Module):
       take = cfg.layers_per_block + 1
       skips, mine = skips[:-take], skips[-take:][::-1]
       x = UpBlock(spec, chans[level], heads[level] if cfg.cross_attention_levels[level] else None,
-                  has_motion(level), upsample=i < n - 1, name=f"up_blocks_{i}")(x, mine, temb, context)
+                  has_motion(level), upsample=i < n - 1, depth=cfg.depths[level],
+                  name=f"up_blocks_{i}")(x, mine, temb, context)
 
     across = mm is not None and not mm.inflated_groupnorm
     x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, across, name="conv_norm_out", **kw)(x)
@@ -304,6 +386,17 @@ def frame_time_embedding(timesteps, b: int, f: int, cfg: UNetConfig, dtype, para
                            param_dtype=param_dtype)(temb.astype(dtype))
 
 
+def added_embedding(added_cond: dict, cfg: UNetConfig, dtype, param_dtype):
+  """SDXL's `text_time` embedding, (B, 4*C0): [text_embeds, sinusoid(time_ids)] -> add_embedding.
+  Call inside a compact method: the `add_embedding` layer belongs to the caller."""
+  ids = jnp.asarray(added_cond["time_ids"], jnp.float32)
+  t = timestep_features(ids, cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+  t = t.reshape(ids.shape[0], -1)                                   # (B, K * dim)
+  x = jnp.concatenate([jnp.asarray(added_cond["text_embeds"], jnp.float32), t], axis=-1)
+  return TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", dtype=dtype,
+                           param_dtype=param_dtype)(x.astype(dtype))
+
+
 def down_pass(spec: _BlockSpec, x, temb, context):
   """The down blocks (`down_blocks_<i>`, in the caller) on conv_in's output x: (the lowest
   level's features, every skip feature starting with x), as UNet3D and SparseCtrl use them."""
@@ -314,7 +407,7 @@ def down_pass(spec: _BlockSpec, x, temb, context):
   for i in range(n):
     x, s = DownBlock(spec, chans[i], heads[i] if cfg.cross_attention_levels[i] else None,
                      mm is not None and 2 ** i in mm.resolutions, downsample=i < n - 1,
-                     name=f"down_blocks_{i}")(x, temb, context)
+                     depth=cfg.depths[i], name=f"down_blocks_{i}")(x, temb, context)
     skips += s
   return x, skips
 
@@ -325,4 +418,5 @@ def init_params(key: jax.Array, model: UNet3D, frames: int = 2, size: int | None
   s = size or cfg.downsample_factor
   sample = jnp.zeros((1, frames, s, s, cfg.in_channels), model.dtype)
   context = jnp.zeros((1, 1, cfg.cross_attention_dim), model.dtype)
-  return jax.jit(model.init)(key, sample, jnp.zeros((1,)), context)["params"]
+  return jax.jit(model.init)(key, sample, jnp.zeros((1,)), context,
+                             added_cond=cfg.dummy_added_cond())["params"]

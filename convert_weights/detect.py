@@ -60,6 +60,23 @@ SPARSE_CTRL_KINDS = {
 }
 
 
+_MM_LEVEL = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.motion_modules\.")
+SDXL_MOTION_NAME = ("AnimateDiff SDXL motion module (mm_sdxl_v10_beta layout: 3 levels, no mid block; "
+                    "for an SDXL base UNet)")
+
+
+def motion_module_family(keys) -> str:
+  """'sdxl' when the motion modules sit at down/up levels 0-2 only with no mid block (the SDXL
+  UNet has 3 levels; every SD1.5 motion module has 4), else 'sd15'. Either key naming."""
+  levels = {"down_blocks": set(), "up_blocks": set()}
+  mid = False
+  for k in keys:
+    if (m := _MM_LEVEL.match(k)):
+      levels[m.group(1)].add(int(m.group(2)))
+    mid = mid or k.startswith("mid_block.motion_modules.")
+  return "sdxl" if not mid and levels["down_blocks"] == levels["up_blocks"] == {0, 1, 2} else "sd15"
+
+
 def sparse_ctrl_name(keys) -> str:
   """What inspect calls a SparseCtrl file: RGB or scribble, from its condition embedding."""
   return SPARSE_CTRL_KINDS[sparse_ctrl_keys.kind(keys)]

@@ -7,7 +7,8 @@ import os
 import numpy as np
 
 from convert_weights import io, ldm
-from convert_weights.detect import FORMATS, detect_keys, known_file, sparse_ctrl_name
+from convert_weights.detect import (FORMATS, SDXL_MOTION_NAME, detect_keys, known_file,
+                                    motion_module_family, sparse_ctrl_name)
 from convert_weights.errors import ConversionError, few
 
 
@@ -80,6 +81,9 @@ def inspect(path: str, check: bool = True) -> str:
     lines.append(f"format: {fmt}: {FORMATS[fmt]}")
     if fmt.startswith("sparse_ctrl"):
       lines.append(f"model: {sparse_ctrl_name(sd)}")
+    if ((fmt.startswith("motion_module") or fmt == "unet_with_motion_modules")
+        and motion_module_family(sd) == "sdxl"):
+      lines.append(f"model: {SDXL_MOTION_NAME}")
     known = known_file(path, fmt)
     if known:
       lines += [f"known file: {known[1]}", f"use: {known[2]}"]

@@ -12,6 +12,9 @@ version: 24 -> v1; 32 with a mid-block module -> v2; 32 without -> v3. Files wit
 (pe 32) and say so in the notes, since v1 and v3 have identical weights otherwise; pass
 `version="v1"` for an mm_sd_v14/v15 file stripped of its pe. A known published file
 (`detect.KNOWN_FILES`, by name) without pe gets its own code's length: AnimateLCM 64.
+SDXL (mm_sdxl_v10_beta, official `sdxl` branch): motion modules at the 3 SDXL levels only
+(down 0-2 x 2, up 0-2 x 3, no mid block) -> version "sdxl" (`MotionModuleConfig.sdxl()`:
+its GroupNorm pools over frames), pe 32 unless the file says otherwise.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import numpy as np
 from adiff_jax.embeddings import motion_positional_encoding
 from adiff_jax.motion_module import MotionModule, MotionModuleConfig, is_motion_module
 from convert_weights import io
-from convert_weights.detect import detect_keys, known_file
+from convert_weights.detect import detect_keys, known_file, motion_module_family
 from convert_weights.errors import ConversionError, few
 from convert_weights.motion_module_keys import diffusers_to_official, is_pe_buffer, official_to_diffusers
 from adiff_jax.params import flatten
@@ -129,7 +132,10 @@ def load_motion_module(path: str, version: Optional[str] = None, num_heads: Opti
     elif has_mid:
       notes.append("mid-block module without pe buffers (official v2 files store them; "
                    "AnimateLCM's file does not): built (sinusoidal) with length 32")
-  detected, length = detect_version(has_mid, next(iter(pe_lens), None), config_len, notes)
+  if motion_module_family(params) == "sdxl":  # 3 levels, no mid: mm_sdxl_v10_beta (pe 32)
+    detected, length = "sdxl", next(iter(pe_lens), None) or config_len or 32
+  else:
+    detected, length = detect_version(has_mid, next(iter(pe_lens), None), config_len, notes)
   if version is not None and version != detected:
     notes.append(f"version {version} requested; the file looks like {detected}")
   version = version or detected

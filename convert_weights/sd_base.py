@@ -78,6 +78,12 @@ def unet_config_from_diffusers(cfg: dict, **overrides) -> UNetConfig:
             norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
             use_linear_projection=cfg.get("use_linear_projection", False),
             flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0))
+  depth = cfg.get("transformer_layers_per_block", 1)   # SDXL: one per level
+  kw["transformer_depth"] = tuple(depth) if isinstance(depth, (list, tuple)) else depth
+  if cfg.get("addition_embed_type"):                    # SDXL "text_time" (others refused by UNetConfig)
+    kw.update(addition_embed_type=cfg["addition_embed_type"],
+              addition_time_embed_dim=cfg.get("addition_time_embed_dim") or 256,
+              projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim") or 2816)
   kw.update(overrides)
   return UNetConfig(**kw)
 
