@@ -27,11 +27,20 @@ from adiff_jax.free_noise import FreeNoiseConfig, reschedule_noise
 from adiff_jax.model import ModelConfig, PARTS
 from adiff_jax.params import dtype as dtype_of
 from adiff_jax.schedulers import NoiseSchedule, SAMPLERS, make_sampler, sample_init, sample_step
+from adiff_jax.sharding import DATA, FRAMES, constrain
 from adiff_jax.tokenizer import CLIPTokenizer
 from adiff_jax.unet import UNet3D
-from adiff_jax.vae import AutoencoderKL, decode_video
+from adiff_jax.vae import AutoencoderKL, decode_video, encode_video
 
 Pytree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseCtrlSampling:
+  """SparseCtrl conditioning settings (the condition and mask are call-time inputs, see
+  `Pipeline.sparse_condition`). conditioning_scale multiplies the residuals (official 1.0); it is
+  a traced input, so changing it does not recompile."""
+  conditioning_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +62,8 @@ class SamplingConfig:
   prompt_interpolation: str = "lerp"    # travelling prompts: lerp | slerp
   free_init: Optional[free_init_lib.FreeInitConfig] = None
   free_noise: Optional[FreeNoiseConfig] = None  # noise rescheduling + motion-module windows
+  # SparseCtrl keyframe conditioning (needs Pipeline(..., sparse_ctrl=...) and `control=` at call time)
+  sparse_ctrl: Optional[SparseCtrlSampling] = None
 
   @property
   def guided(self) -> bool:
@@ -67,11 +78,12 @@ class Pipeline:
   params: {"unet": ..., "text_encoder": ..., "vae": ...} (plain param trees, no "params" key).
   lora: optional "lora" collection for the UNet (MotionLoRAs / domain adapter, combined).
   mesh: optional (data, frames) mesh; the CFG batch is sharded over `data`, frames over `frames`.
+  sparse_ctrl: optional (SparseCtrlConfig, params) of a SparseCtrl for this UNet (docs/control.md).
   """
 
   def __init__(self, config: ModelConfig, params: Pytree, *, tokenizer: Optional[CLIPTokenizer] = None,
                lora: Optional[Pytree] = None, dtype: str = "f32", mesh=None,
-               attention_impl: Optional[str] = None):
+               attention_impl: Optional[str] = None, sparse_ctrl: Optional[tuple] = None):
     missing = [p for p in PARTS if p not in params]
     if missing:
       raise InputError(f"pipeline parameters lack {missing} (have {sorted(params)})")
@@ -88,6 +100,25 @@ class Pipeline:
     self.tokenizer = tokenizer or CLIPTokenizer.default()
     self.mesh = mesh
     self._loops: dict = {}
+    self.sparse_ctrl = self.sparse_ctrl_params = None
+    if sparse_ctrl is not None:
+      self._set_sparse_ctrl(*sparse_ctrl)
+
+  def _set_sparse_ctrl(self, ctrl_config, ctrl_params) -> None:
+    from adiff_jax.sparse_ctrl import SparseControlNet, param_shapes
+    want = jax.tree_util.tree_flatten_with_path(param_shapes(ctrl_config, self.config.unet))[0]
+    have = dict((jax.tree_util.keystr(k), np.shape(v))
+                for k, v in jax.tree_util.tree_flatten_with_path(ctrl_params)[0])
+    bad = [jax.tree_util.keystr(k) for k, v in want if have.get(jax.tree_util.keystr(k)) != tuple(v.shape)]
+    if bad or len(have) != len(want):
+      raise InputError(f"the SparseCtrl parameters do not fit this UNet ({self.config.unet}) and "
+                       f"SparseCtrl config: {len(bad)} missing or misshapen, e.g. {bad[:3]}")
+    if ctrl_config.kind == "scribble" and ctrl_config.condition_factor != self.config.latent_factor:
+      raise InputError(f"this scribble SparseCtrl takes images at {ctrl_config.condition_factor}x the "
+                       f"latent size, but the VAE's factor is {self.config.latent_factor}")
+    self.sparse_ctrl = SparseControlNet(ctrl_config, self.config.unet, dtype=self.dtype,
+                                        attention_impl=self.attention_impl)
+    self.sparse_ctrl_params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), ctrl_params)
 
   def unet_for(self, free_noise: Optional[FreeNoiseConfig]) -> UNet3D:
     """The UNet module, with FreeNoise windows in its motion modules when asked."""
@@ -123,6 +154,67 @@ class Pipeline:
       raise InputError(f"context_batch must be >= 1, got {cfg.context_batch}")
     if cfg.scheduler not in SAMPLERS:
       raise InputError(f"unknown scheduler {cfg.scheduler!r}; choose from {SAMPLERS}")
+    if cfg.sparse_ctrl is not None:
+      if self.sparse_ctrl is None:
+        raise InputError("SamplingConfig.sparse_ctrl is set but the pipeline has no SparseCtrl "
+                         "(Pipeline(..., sparse_ctrl=(SparseCtrlConfig, params)))")
+      n = self.sparse_ctrl.config.motion.max_len
+      seen = cfg.context.context_length if cfg.context is not None else cfg.frames
+      if min(seen, cfg.frames) > n:
+        raise InputError(f"SparseCtrl sees at most {n} frames at once (its positional encoding); "
+                         f"got {min(seen, cfg.frames)}: use context windows of <= {n} frames")
+
+  # -- SparseCtrl -----------------------------------------------------------------------------
+  def sparse_condition(self, images, indices: Sequence[int], cfg: SamplingConfig,
+                       key: Optional[jax.Array] = None, vae_noise=None):
+    """Keyframe images -> (condition, mask) for `__call__(..., control=)`.
+
+    images (B, K, H, W, 3) in [0, 1] at the video's pixel size (B = 1 is shared by all samples);
+    indices: K frame indices (negative count from the end). RGB SparseCtrl: the images are
+    VAE-encoded as the official script does, `vae.encode(2x - 1)` *sampled* (not the mean) times
+    the scaling factor; the draw comes from `key` (default key 0) or, exactly, from `vae_noise`
+    (B, K, h, w, 4) standard-normal. Scribble: the images themselves.
+    Returns condition (B, F, h*r, w*r, C) and mask (B, F) (see sparse_ctrl.sparse_condition).
+    """
+    from adiff_jax.sparse_ctrl import sparse_condition
+    if self.sparse_ctrl is None:
+      raise InputError("this pipeline has no SparseCtrl")
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 5 or images.shape[2:] != (cfg.height, cfg.width, 3):
+      raise InputError(f"keyframe images must be (B, K, {cfg.height}, {cfg.width}, 3) in [0, 1] "
+                       f"(the video's size); got {images.shape}")
+    if self.sparse_ctrl.config.kind == "rgb":
+      x = (2.0 * images - 1.0).astype(self.dtype)
+      if vae_noise is None:
+        images = encode_video(self.vae, {"params": self.params["vae"]}, x,
+                              key=jax.random.key(0) if key is None else key, chunk_size=cfg.vae_chunk)
+      else:
+        from adiff_jax.vae import _encode_frames
+        b, k = images.shape[:2]
+        eps = jnp.asarray(vae_noise, jnp.float32)
+        z = _encode_frames(self.vae, {"params": self.params["vae"]}, x.reshape((b * k,) + x.shape[2:]),
+                           eps.reshape((b * k,) + eps.shape[2:]), cfg.vae_chunk)
+        images = z.reshape((b, k) + z.shape[1:])
+      images = images.astype(jnp.float32)
+    return sparse_condition(images, indices, cfg.frames)
+
+  def _check_control(self, control, batch: int, cfg: SamplingConfig):
+    """(condition, mask) -> both as float32 with the sample batch (B = 1 broadcast)."""
+    if (control is None) != (cfg.sparse_ctrl is None):
+      raise InputError("SparseCtrl needs both SamplingConfig.sparse_ctrl and control=(condition, mask)")
+    if control is None:
+      return None
+    cond, mask = (jnp.asarray(a, jnp.float32) for a in control)
+    f = self.config.latent_factor
+    r = self.sparse_ctrl.config.condition_factor
+    want = (cfg.frames, cfg.height // f * r, cfg.width // f * r, self.sparse_ctrl.config.conditioning_channels)
+    if cond.ndim != 5 or cond.shape[1:] != want or cond.shape[0] not in (1, batch):
+      raise InputError(f"SparseCtrl condition must be (B, {', '.join(map(str, want))}) with B = 1 or "
+                       f"{batch}; got {cond.shape}")
+    if mask.shape not in ((cond.shape[0], cfg.frames),):
+      raise InputError(f"SparseCtrl mask must be ({cond.shape[0]}, {cfg.frames}); got {mask.shape}")
+    return (jnp.broadcast_to(cond, (batch,) + cond.shape[1:]),
+            jnp.broadcast_to(mask, (batch,) + mask.shape[1:]))
 
   # -- stages ---------------------------------------------------------------------------------
   def encode_prompts(self, prompts: Sequence[prompt_travel.Prompt], clip_skip: int = 1,
@@ -153,7 +245,7 @@ class Pipeline:
     return 1 if self.mesh is None else int(dict(zip(self.mesh.axis_names, self.mesh.devices.shape))["data"])
 
   def denoise(self, noise: jax.Array, cond: jax.Array, uncond: jax.Array, cfg: SamplingConfig,
-              progress: bool = True, key: Optional[jax.Array] = None) -> jax.Array:
+              progress: bool = True, key: Optional[jax.Array] = None, control=None) -> jax.Array:
     """The whole denoising loop, compiled once per (shape, scheduler, steps, windows).
     key: the noise a stochastic sampler injects between steps (DDIM eta > 0, LCM)."""
     sampler = make_sampler(cfg.scheduler, cfg.schedule, cfg.steps, eta=cfg.eta)
@@ -161,14 +253,20 @@ class Pipeline:
     windowed = cfg.context is not None and frames > cfg.context.context_length
     group = self.context_batch(cfg) if windowed else 1
     loop_key = (cfg.scheduler, cfg.steps, cfg.eta, cfg.schedule, progress, cfg.guided,
-                (cfg.context, frames, group) if windowed else None, cfg.free_noise)
+                (cfg.context, frames, group) if windowed else None, cfg.free_noise,
+                control is not None)
     if loop_key not in self._loops:
       plan = plan_windows(frames, cfg.steps, cfg.context, group) if windowed else None
       self._loops[loop_key] = _make_loop(self.unet_for(cfg.free_noise), sampler, progress,
-                                         cfg.guided, plan, group)
+                                         cfg.guided, plan, group,
+                                         ctrl=self.sparse_ctrl if control is not None else None)
     loop = self._loops[loop_key]
     args = (self.params["unet"], self.lora, noise, cond, uncond,
             jnp.float32(cfg.guidance_scale), jax.random.key(0) if key is None else key)
+    if control is not None:   # SparseCtrl: params, packed per-frame condition and mask, scale
+      c, m = control
+      args += ((self.sparse_ctrl_params, _pack_frames(c), m.reshape(m.shape + (1, 1)),
+                jnp.float32(cfg.sparse_ctrl.conditioning_scale)),)
     if self.mesh is None:
       return loop(*args)
     with jax.set_mesh(self.mesh):
@@ -183,10 +281,12 @@ class Pipeline:
   def __call__(self, prompts: Sequence[prompt_travel.Prompt],
                negative_prompts: Optional[Sequence[prompt_travel.Prompt]] = None,
                seeds: Sequence[int] = (0,), cfg: SamplingConfig = SamplingConfig(),
-               noise: Optional[jax.Array] = None, progress: bool = True) -> np.ndarray:
+               noise: Optional[jax.Array] = None, progress: bool = True,
+               control: Optional[tuple] = None) -> np.ndarray:
     """Prompts -> frames (B, F, H, W, 3) float32 in [0, 1]. One sample per (prompt, seed) pair.
 
-    A prompt is text or a travelling {frame: text} mapping (negatives too)."""
+    A prompt is text or a travelling {frame: text} mapping (negatives too).
+    control: SparseCtrl (condition, mask) from `sparse_condition` (with cfg.sparse_ctrl)."""
     self.check(cfg)
     prompts = list(prompts)
     negative = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
@@ -197,6 +297,7 @@ class Pipeline:
       prompt_travel.check(p, cfg.frames)
     for p in negative:
       prompt_travel.check(p, cfg.frames, "negative prompt")
+    control = self._check_control(control, len(prompts), cfg)
     per_frame = cfg.frames if prompt_travel.is_travelling(prompts + negative) else None
     cond = self.encode_prompts(prompts, cfg.clip_skip, per_frame, cfg.prompt_interpolation)
     uncond = self.encode_prompts(negative, cfg.clip_skip, per_frame, cfg.prompt_interpolation)
@@ -214,7 +315,8 @@ class Pipeline:
                                      cfg.schedule, fi)
       steps = cfg.steps if fi is None else free_init_lib.iteration_steps(cfg.steps, it, fi)
       latents = self.denoise(start, cond, uncond, dataclasses.replace(cfg, steps=steps), progress,
-                             key=jax.random.fold_in(seed_key(seeds[0]), _STEP_NOISE_STREAM + it))
+                             key=jax.random.fold_in(seed_key(seeds[0]), _STEP_NOISE_STREAM + it),
+                             control=control)
     if not bool(jnp.isfinite(latents).all()):
       raise FloatingPointError(
           "the denoising loop produced NaN/inf latents (a black video otherwise). Try --dtype f32, "
@@ -241,41 +343,62 @@ def _encode_text(model, params, ids, clip_skip):
   return model.apply({"params": params}, ids, clip_skip=clip_skip)
 
 
+def _pack_frames(a: jax.Array) -> jax.Array:
+  """(B, F, H, W, C) -> (B, F, H, W*C): a per-frame leaf that context windows slice like text."""
+  return a.reshape(a.shape[:3] + (-1,))
+
+
 def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
-               plan: Optional[WindowPlan] = None, group: int = 1):
-  """(unet_params, lora, noise, cond, uncond, guidance, key) -> latents.
+               plan: Optional[WindowPlan] = None, group: int = 1, ctrl=None):
+  """(unet_params, lora, noise, cond, uncond, guidance, key[, ctrl_args]) -> latents.
 
   Without progress: the whole loop is one jitted `lax.scan`. With progress: one jitted step
   driven from the host, which advances the bar between steps; nothing calls back to the host
   from inside a compiled program, so every program stays in the persistent compilation cache.
   guided=False: the conditional prediction alone (guidance <= 1), no unconditional half.
   plan: context windows (the step index picks that step's windows), `group` per UNet call.
+  ctrl: a SparseControlNet; then ctrl_args = (its params, condition packed (B, F, H, W*C), mask
+  (B, F, 1, 1), scale). It runs on the UNet's CFG batch and timestep (text: uncond ++ cond, as
+  the official pipeline); condition and mask are per-frame leaves, so windows slice them.
   """
-  def guided_eps(params, lora, cond, uncond, guidance, i):
+  def guided_eps(params, lora, cond, uncond, guidance, i, ctrl_args=None):
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
 
     def model(x, ctx, t):  # x (B', F', h, w, C); ctx (uncond, cond), each (B', 77, D) or (B', F', 77, D)
-      u, c = ctx
+      u, c = ctx[:2]
       if guided:           # CFG in one batch: (2B', ...)
         x, c = jnp.concatenate([x, x]), jnp.concatenate([u, c])
-      out = unet.apply(variables, x.astype(unet.dtype), jnp.broadcast_to(t, (x.shape[0],)),
-                       c.astype(unet.dtype)).astype(jnp.float32)
+      tt = jnp.broadcast_to(t, (x.shape[0],))
+      res = {}
+      if ctrl is not None:  # SparseCtrl residuals on the same batch
+        cc, cm = ctx[2:]
+        if guided:
+          cc, cm = jnp.concatenate([cc, cc]), jnp.concatenate([cm, cm])
+        cc = constrain(cc.reshape(cc.shape[:3] + (-1, ctrl.config.conditioning_channels)), (DATA, FRAMES))
+        down, mid = ctrl.apply({"params": ctrl_args[0]}, x.astype(ctrl.dtype), tt,
+                               c.astype(ctrl.dtype), cc, cm[..., 0, 0], conditioning_scale=ctrl_args[3])
+        res = dict(down_residuals=down, mid_residual=mid)
+      out = unet.apply(variables, x.astype(unet.dtype), tt,
+                       c.astype(unet.dtype), **res).astype(jnp.float32)
       if not guided:
         return out
       e_uncond, e_cond = jnp.split(out, 2)
       return e_uncond + guidance * (e_cond - e_uncond)
 
+    ctx = (uncond, cond) if ctrl is None else (uncond, cond, ctrl_args[1], ctrl_args[2])
+
     def eps_fn(x, t):
       if plan is None:
-        return model(x, (uncond, cond), t)
+        return model(x, ctx, t)
       # CFG is linear, so guiding each window and then fusing equals fusing each half first.
-      return fused_eps(lambda xw, cw: model(xw, cw, t), x, (uncond, cond), plan, i, group)
+      return fused_eps(lambda xw, cw: model(xw, cw, t), x, ctx, plan, i, group)
     return eps_fn
 
-  def whole(params, lora, noise, cond, uncond, guidance, key):
+  def whole(params, lora, noise, cond, uncond, guidance, key, ctrl_args=None):
     def body(carry, i):
       x, state = carry
-      return sample_step(sampler, guided_eps(params, lora, cond, uncond, guidance, i), x, state, i), None
+      return sample_step(sampler, guided_eps(params, lora, cond, uncond, guidance, i, ctrl_args),
+                         x, state, i), None
     carry = sample_init(sampler, noise, key=key if sampler.stochastic else None)
     (x, _), _ = jax.lax.scan(body, carry, jnp.arange(sampler.num_steps))
     return x
@@ -284,14 +407,14 @@ def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
     return jax.jit(whole)
 
   init = jax.jit(lambda noise, key: sample_init(sampler, noise, key=key if sampler.stochastic else None))
-  step = jax.jit(lambda params, lora, x, state, cond, uncond, guidance, i: sample_step(
-      sampler, guided_eps(params, lora, cond, uncond, guidance, i), x, state, i))
+  step = jax.jit(lambda params, lora, x, state, cond, uncond, guidance, i, ctrl_args=None: sample_step(
+      sampler, guided_eps(params, lora, cond, uncond, guidance, i, ctrl_args), x, state, i))
 
-  def stepwise(params, lora, noise, cond, uncond, guidance, key):
+  def stepwise(params, lora, noise, cond, uncond, guidance, key, ctrl_args=None):
     from tqdm.auto import tqdm
     x, state = init(noise, key)
     for i in tqdm(range(sampler.num_steps), desc="denoising", unit="step", leave=False):
-      x, state = step(params, lora, x, state, cond, uncond, guidance, jnp.int32(i))
+      x, state = step(params, lora, x, state, cond, uncond, guidance, jnp.int32(i), ctrl_args)
     return x
 
   return stepwise
