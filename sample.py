@@ -5,6 +5,8 @@
   python sample.py --ckpt converted_dir --prompt "a cat walking, best quality"
   python sample.py --ckpt model.safetensors --motion-module mm_sd_v15_v2.ckpt --prompt "..."
   python sample.py --config configs/prompts/example.yaml   # official prompt-config format
+  python sample.py --ckpt ... --motion-module v3_sd15_mm.ckpt --sparsectrl v3_sd15_sparsectrl_rgb.ckpt \
+      --cond-image first.png:0 --cond-image last.png:-1 --prompt "..."   # SparseCtrl keyframes
 
 --ckpt is an Orbax directory made by `python -m convert_weights to-orbax`, or PyTorch files
 (LDM single file / diffusers folder), converted on the fly and cached (a message says where).
@@ -27,7 +29,7 @@ from typing import Any, Optional
 from adiff_jax.errors import InputError, run_cli
 
 
-# Official prompt-config keys we understand; controlnet (SparseCtrl) ones are refused.
+# Official prompt-config keys we understand (controlnet_*: SparseCtrl; dense ControlNet is not supported).
 CONFIG_KEYS = {"dreambooth_path", "lora_model_path", "lora_alpha", "inference_config",
                "motion_module", "motion_module_lora_configs", "adapter_lora_path",
                "adapter_lora_scale", "seed", "steps", "guidance_scale", "prompt", "n_prompt",
@@ -36,8 +38,11 @@ CONFIG_KEYS = {"dreambooth_path", "lora_model_path", "lora_alpha", "inference_co
                "context_length", "context_overlap", "context_stride", "context_schedule",
                "closed_loop", "fuse", "prompt_interpolation", "free_init", "free_init_method",
                "free_init_fast", "free_init_ds", "free_init_dt", "free_init_order", "free_noise",
-               "free_noise_length", "free_noise_stride"}
-UNSUPPORTED_PREFIX = "controlnet"
+               "free_noise_length", "free_noise_stride"} | {
+               # SparseCtrl (official; controlnet_conditioning_scale is read by the official pipeline
+               # call but not by its script: ours reads it from the YAML too)
+               "controlnet_path", "controlnet_config", "controlnet_images", "controlnet_image_indexs",
+               "controlnet_conditioning_scale", "normalize_condition_images"}
 DEFAULT_NEGATIVE = ""
 
 
@@ -109,6 +114,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   lv.add_argument("--free-init-order", type=int, default=4, help="FreeInit Butterworth order (default 4)")
   lv.add_argument("--free-init-fast", action="store_true",
                   help="coarse-to-fine: iteration i runs steps * (i + 1) / N steps")
+  sp = ap.add_argument_group("SparseCtrl", "keyframe conditioning (docs/control.md)")
+  sp.add_argument("--sparsectrl", metavar="PATH", help="SparseCtrl file (v3_sd15_sparsectrl_rgb.ckpt or "
+                  "_scribble.ckpt, official or diffusers format; converted on load)")
+  sp.add_argument("--cond-image", action="append", default=[], metavar="FILE[:INDEX]",
+                  help="keyframe image and its frame index (repeatable; negative counts from the end; "
+                  "without INDEX the k-th --cond-image goes to frame k). Centre-cropped to the video's "
+                  "aspect and resized, as the official script")
+  sp.add_argument("--controlnet-scale", type=float, default=1.0, metavar="S",
+                  help="SparseCtrl conditioning scale (default 1.0)")
   ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
                   help="compute dtype of the text encoder, UNet and VAE (bf16 on GPU/TPU)")
   ap.add_argument("--attention-impl", default=None, choices=["xla", "cudnn"],
@@ -212,10 +226,6 @@ def read_prompt_config(path: str) -> list[dict]:
   if not entries or not all(isinstance(e, dict) for e in entries):
     raise InputError(f"{path}: expected a list of entries (or a mapping of named entries)")
   for i, e in enumerate(entries):
-    bad = [k for k in e if k.startswith(UNSUPPORTED_PREFIX)]
-    if bad:
-      raise InputError(f"{path} entry {i}: {', '.join(bad)}: SparseCtrl/ControlNet is not "
-                       "supported yet")
     unknown = sorted(set(e) - CONFIG_KEYS)
     if unknown:
       warnings.warn(f"{path} entry {i}: ignoring unknown keys {unknown}")
@@ -253,6 +263,16 @@ def entry_to_args(entry: dict, base: argparse.Namespace) -> argparse.Namespace:
               "free_noise_length", "free_noise_stride"):
     if key in entry:
       setattr(a, key, entry[key])
+  # SparseCtrl: the official keys (controlnet_image_indexs defaults to [0] as in the official script)
+  if entry.get("controlnet_path") or entry.get("controlnet_images"):
+    a.sparsectrl = entry.get("controlnet_path") or None
+    images = entry.get("controlnet_images") or []
+    a.cond_images = [images] if isinstance(images, str) else list(images)
+    idx = entry.get("controlnet_image_indexs", [0])
+    a.cond_indices = [idx] if isinstance(idx, int) else list(idx)
+    a.controlnet_config = entry.get("controlnet_config")
+    a.controlnet_scale = float(entry.get("controlnet_conditioning_scale", base.controlnet_scale))
+    a.normalize_condition_images = bool(entry.get("normalize_condition_images", False))
   return a
 
 
@@ -315,10 +335,99 @@ def long_video_options(args: argparse.Namespace) -> dict:
   return out
 
 
+def sparse_ctrl_request(args: argparse.Namespace) -> Optional[dict]:
+  """The SparseCtrl inputs of the flags or prompt-config keys, checked before anything loads:
+  {path, images, indices, scale, normalize, config} or None."""
+  path = getattr(args, "sparsectrl", None)
+  if getattr(args, "cond_indices", None) is not None:   # controlnet_images / controlnet_image_indexs
+    images, indices = list(args.cond_images), list(args.cond_indices)
+  else:                                                  # --cond-image FILE[:INDEX]
+    images, indices = [], []
+    for k, spec in enumerate(getattr(args, "cond_image", None) or []):
+      m = re.match(r"^(.*):([-+]?[0-9]+)$", spec)
+      images.append(m.group(1) if m else spec)
+      indices.append(int(m.group(2)) if m else k)
+  if not path:
+    if images:
+      raise InputError("--cond-image (controlnet_images) needs --sparsectrl (controlnet_path)")
+    return None
+  if not images:
+    raise InputError("SparseCtrl needs keyframe images: --cond-image FILE[:INDEX] (controlnet_images)")
+  if len(images) != len(indices):
+    raise InputError(f"{len(images)} condition images but {len(indices)} frame indices "
+                     f"(controlnet_image_indexs {indices}): give one index per image")
+  if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+    raise InputError(f"keyframe indices must be integers, got {indices}")
+  frames = args.frames
+  bad = [i for i in indices if not -frames <= i < frames]
+  if bad:
+    raise InputError(f"keyframe indices {bad} outside a {frames}-frame video (valid: -{frames} .. {frames - 1})")
+  if len({i % frames for i in indices}) != len(indices):
+    raise InputError(f"keyframe indices {indices} name the same frame twice")
+  for p in [path] + images:
+    if not os.path.exists(p):
+      raise InputError(f"file not found: {p}")
+  return dict(path=path, images=images, indices=indices, scale=float(args.controlnet_scale),
+              normalize=bool(getattr(args, "normalize_condition_images", False)),
+              config=getattr(args, "controlnet_config", None))
+
+
+def load_sparse_ctrl_file(req: dict):
+  """(SparseCtrlConfig, params) of a SparseCtrl file, converted in memory (renaming only: no
+  cache); an official `controlnet_config` must agree with what the weights are."""
+  from convert_weights.sparse_ctrl_files import load_sparse_ctrl
+  tree, ctrl_cfg, _ = load_sparse_ctrl(req["path"])
+  path = req.get("config")
+  if path and not os.path.isfile(path):
+    warnings.warn(f"controlnet_config {path} not found: the SparseCtrl settings come from the weights")
+  elif path:
+    import yaml
+    with open(path) as f:
+      kw = (yaml.safe_load(f) or {}).get("controlnet_additional_kwargs") or {}
+    for key in ("use_simplified_condition_embedding", "conditioning_channels"):
+      if key in kw and kw[key] != getattr(ctrl_cfg, key):
+        raise InputError(f"controlnet_config {path}: {key}={kw[key]}, but {req['path']} is a "
+                         f"{ctrl_cfg.kind} SparseCtrl ({key}={getattr(ctrl_cfg, key)})")
+  return ctrl_cfg, tree
+
+
+def load_keyframe_images(paths, height: int, width: int, normalize: bool = False):
+  """Images -> (K, height, width, 3) float32 in [0, 1], as the official script prepares them:
+  centre crop to the video's aspect, then bilinear resize (torchvision's RandomResizedCrop with
+  scale (1, 1) and ratio W/H falls back to that centre crop). diffusers resizes without cropping;
+  both agree when the aspect already matches. normalize (`normalize_condition_images`): grey,
+  stretched to [0, 1]."""
+  import numpy as np
+  from PIL import Image
+  out = []
+  for p in paths:
+    try:
+      img = Image.open(p).convert("RGB")
+    except (OSError, ValueError) as e:
+      raise InputError(f"cannot read image {p}: {e}")
+    w0, h0 = img.size
+    if (w0, h0) != (width, height):
+      if w0 * height > h0 * width:     # wider than the video: crop the sides
+        cw, ch = int(round(h0 * width / height)), h0
+      else:
+        cw, ch = w0, int(round(w0 * height / width))
+      left, top = (w0 - cw) // 2, (h0 - ch) // 2
+      img = img.crop((left, top, left + cw, top + ch)).resize((width, height), Image.BILINEAR)
+      print(f"note: condition image {p} is {w0}x{h0}: centre-cropped to {cw}x{ch} and resized to "
+            f"{width}x{height}")
+    a = np.asarray(img, np.float32) / 255.0
+    if normalize:
+      g = np.repeat(a.mean(-1, keepdims=True), 3, -1)
+      g = g - g.min()
+      a = g / max(float(g.max()), 1e-8)
+    out.append(a)
+  return np.stack(out)
+
+
 def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   import jax
   from adiff_jax import prompt_travel
-  from adiff_jax.sampling import Pipeline, SamplingConfig
+  from adiff_jax.sampling import Pipeline, SamplingConfig, SparseCtrlSampling, seed_key
   from adiff_jax.sharding import make_mesh
   from adiff_jax.video_io import grid, save_gif, save_mp4, to_uint8
 
@@ -334,6 +443,13 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
     prompt_travel.check(p, args.frames)
   for p in neg_travel:
     prompt_travel.check(p, args.frames, "negative prompt")
+  sparse_req = sparse_ctrl_request(args)
+  sparse = keyframes = None
+  if sparse_req:   # before the base model: a wrong file or image fails fast
+    sparse = load_sparse_ctrl_file(sparse_req)
+    is_b = builtin_lib.is_builtin(args.ckpt)
+    keyframes = load_keyframe_images(sparse_req["images"], args.height or (64 if is_b else 512),
+                                     args.width or (64 if is_b else 512), sparse_req["normalize"])
   cfg, params, lora, desc = load_model(args)
   builtin = builtin_lib.is_builtin(args.ckpt)
   h = args.height or (64 if builtin else 512)
@@ -352,13 +468,22 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   sc = SamplingConfig(frames=args.frames, height=h, width=w, steps=args.steps,
                       guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                       clip_skip=args.clip_skip,
+                      sparse_ctrl=SparseCtrlSampling(sparse_req["scale"]) if sparse_req else None,
                       schedule=schedule, **long_video)
   mesh = None
   if len(jax.devices()) > 1:
     mesh = make_mesh(frames=args.mesh_frames)
-  pipe = Pipeline(cfg, params, lora=lora, dtype=args.dtype, mesh=mesh, attention_impl=args.attention_impl)
+  pipe = Pipeline(cfg, params, lora=lora, dtype=args.dtype, mesh=mesh, attention_impl=args.attention_impl,
+                  sparse_ctrl=sparse)
   pipe.check(sc)
   print(f"model: {desc}")
+  control = None
+  if sparse_req:
+    # RGB keyframes: one VAE posterior draw for all samples (as the official script), from seed 0's key
+    control = pipe.sparse_condition(keyframes[None], sparse_req["indices"], sc,
+                                    key=jax.random.fold_in(seed_key(seeds[0]), 1 << 22))
+    print(f"SparseCtrl {sparse[0].kind}: {sparse_req['path']}, keyframes at {sparse_req['indices']}, "
+          f"scale {sparse_req['scale']}")
   print(f"sampling {len(prompts)} video(s): {sc.frames} frames {h}x{w}, {sc.steps} {sc.scheduler} "
         f"steps, guidance {sc.guidance_scale}, dtype {args.dtype}, seeds {seeds}")
   if sc.context is not None and sc.frames > sc.context.context_length:
@@ -377,7 +502,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
       print(f"prompt travel ({sc.prompt_interpolation}): {prompt_travel.describe(p)}")
   t0 = time.perf_counter()
   try:
-    frames = to_uint8(pipe(prompts, negative, seeds, sc))
+    frames = to_uint8(pipe(prompts, negative, seeds, sc, control=control))
   except FloatingPointError as e:
     raise InputError(str(e)) from None
   print(f"done in {time.perf_counter() - t0:.1f} s (including compilation)")
@@ -388,12 +513,22 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
     stem = os.path.join(out_dir, "sample", f"{i}-{_slug(prompt_travel.describe(p))}-seed{s}")
     written += [save_gif(v, stem + ".gif", args.fps), save_mp4(v, stem + ".mp4", args.fps)]
   written.append(save_gif(grid(list(frames)), os.path.join(out_dir, "sample.gif"), args.fps))
+  if sparse_req:   # the prepared condition images, as the official script saves them
+    from PIL import Image
+    os.makedirs(os.path.join(out_dir, "control_images"), exist_ok=True)
+    for i, im in enumerate(to_uint8(keyframes)):
+      written.append(os.path.join(out_dir, "control_images", f"{i}.png"))
+      Image.fromarray(im).save(written[-1])
   resolved = dict(ckpt=args.ckpt or "builtin", motion_module=args.motion_module,
                   motion_lora=args.motion_lora, domain_adapter=args.domain_adapter, lora=args.lora,
                   prompt=prompts, n_prompt=negative, seed=seeds, steps=sc.steps,
                   guidance_scale=sc.guidance_scale, scheduler=sc.scheduler, W=w, H=h, L=sc.frames,
                   dtype=args.dtype, fps=args.fps, clip_skip=sc.clip_skip,
                   **_long_video_resolved(args),
+                  **({} if not sparse_req else dict(
+                      controlnet_path=sparse_req["path"], controlnet_images=sparse_req["images"],
+                      controlnet_image_indexs=sparse_req["indices"],
+                      controlnet_conditioning_scale=sparse_req["scale"])),
                   noise_scheduler_kwargs={k: v for k, v in dataclasses.asdict(sc.schedule).items()})
   import yaml
   cfg_path = os.path.join(out_dir, "config.yaml")

@@ -104,7 +104,7 @@ def test_prompt_config_yaml(tmp_path):
 def test_prompt_config_errors(tmp_path):
   ctl = tmp_path / "c.yaml"
   ctl.write_text("- prompt: [x]\n  controlnet_path: sparsectrl.ckpt\n")
-  assert_cli_error(["--config", str(ctl)], "not supported yet")
+  assert_cli_error(["--config", str(ctl)], "needs keyframe images")   # SparseCtrl: tests/test_sparse_ctrl_cli.py
   bad = tmp_path / "b.yaml"
   bad.write_text("- prompt: [x\n  seed: 1:\n")
   assert_cli_error(["--config", str(bad)], "cannot read YAML")
