@@ -122,3 +122,42 @@ def test_sparse_ctrl_context_windows_and_errors(reference):
   rgb_cfg, rgb_tree = sparse_ctrl_pair("rgb")[1]
   with pytest.raises(InputError, match="do not fit"):
     Pipeline(cfg, params, sparse_ctrl=(ctrl[0], rgb_tree))
+
+
+SHARDED_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import dataclasses
+import jax, numpy as np
+from adiff_jax.context import ContextConfig
+from adiff_jax.model import ModelConfig, random_params
+from adiff_jax.params import random_like
+from adiff_jax.sampling import Pipeline, SamplingConfig, SparseCtrlSampling
+from adiff_jax.sharding import make_mesh
+from adiff_jax.sparse_ctrl import SparseCtrlConfig, param_shapes
+cfg = ModelConfig.tiny()
+params = random_params(cfg, seed=0)
+ctrl_cfg = SparseCtrlConfig.scribble(conditioning_embedding_channels=(8, 16, 16))
+ctrl = (ctrl_cfg, random_like(param_shapes(ctrl_cfg, cfg.unet), 3))   # no zero convs: it acts
+sc = SamplingConfig(frames=8, height=32, width=32, steps=2, sparse_ctrl=SparseCtrlSampling(0.9))
+imgs = np.random.default_rng(0).uniform(0, 1, (1, 2, 32, 32, 3)).astype(np.float32)
+for c in (sc, dataclasses.replace(sc, context=ContextConfig(context_length=4, overlap=2))):
+  one = Pipeline(cfg, params, sparse_ctrl=ctrl)
+  a = one(["a red circle"], [""], [1], c, progress=False, control=one.sparse_condition(imgs, [0, 5], c))
+  eight = Pipeline(cfg, params, sparse_ctrl=ctrl, mesh=make_mesh(frames=4))   # data=2 x frames=4
+  b = eight(["a red circle"], [""], [1], c, progress=False, control=eight.sparse_condition(imgs, [0, 5], c))
+  err = float(np.abs(a - b).max())
+  print("sharded SparseCtrl pipeline max abs err", err, "windows" if c.context else "")
+  assert err < 1e-5, err
+"""
+
+
+def test_sharded_sparse_ctrl_pipeline_8_devices_equals_single_device():
+  import os, subprocess, sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+  r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
+                     text=True, timeout=900)
+  assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+  print(r.stdout)
