@@ -303,8 +303,14 @@ def cli_schedule(args: argparse.Namespace):
   if getattr(args, "lcm_original_steps", None) is not None:
     kw["original_inference_steps"] = args.lcm_original_steps
   sched = dataclasses.replace(sched, **kw)
-  make_sampler(args.scheduler, sched, args.steps)
+  make_sampler(args.scheduler, sched, default_steps(args) if args.steps is None else args.steps)
   return sched
+
+
+def default_steps(args: argparse.Namespace) -> int:
+  """25 (the official setting); 20 for the built-in model: well under a minute on 2 CPU cores."""
+  from adiff_jax import builtin
+  return 20 if builtin.is_builtin(args.ckpt) else 25
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,8 +438,8 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   from adiff_jax.video_io import grid, save_gif, save_mp4, to_uint8
 
   from adiff_jax import builtin as builtin_lib
-  if args.steps is None:   # the built-in model is sampled at 20 steps: well under a minute on 2 cores
-    args.steps = 20 if builtin_lib.is_builtin(args.ckpt) else 25
+  if args.steps is None:
+    args.steps = default_steps(args)
   schedule = cli_schedule(args)
   long_video = long_video_options(args)
   travel = [prompt_travel.as_prompt(p) for p in (args.prompt or [])]

@@ -173,42 +173,13 @@ def test_euler_trailing_is_lightning(num_steps):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """Tiny random models on both sides (the pattern of tests/test_pipeline.py), our Pipeline built
-  once so only the denoising loop compiles per sampler."""
-  from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
-  from transformers import CLIPTextConfig as HFCLIPConfig, CLIPTextModel as HFCLIP
-  from transformers import CLIPTokenizer as HFTokenizer
-  from adiff_jax.model import ModelConfig
+  """Tiny random models on both sides (tests/torch_ref.tiny_animatediff), our Pipeline built
+  once so only the denoising loop compiles per sampler; diffusers' parts without a scheduler."""
   from adiff_jax.sampling import Pipeline
-  from adiff_jax.tokenizer import CLIPTokenizer
-  from torch_ref import (clip_params_from_transformers, patch_motion_norms_per_frame, randomize_,
-                         unet_params_from_diffusers, vae_params_from_diffusers)
-  torch.manual_seed(0)
-  cfg = ModelConfig.tiny()
-  unet2d = UNet2DConditionModel(
-      block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=2, cross_attention_dim=32,
-      norm_num_groups=8, sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-  adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
-                          motion_num_attention_heads=2, motion_norm_num_groups=8,
-                          motion_max_seq_length=32, use_motion_mid_block=False)
-  unet = randomize_(UNetMotionModel.from_unet2d(unet2d, adapter), 1).eval()
-  t = cfg.text
-  text = randomize_(HFCLIP(HFCLIPConfig(
-      vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-      num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-      max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act)), 2).eval()
-  vae = randomize_(AutoencoderKL(block_out_channels=(32, 64, 64), layers_per_block=1,
-                                 norm_num_groups=8, latent_channels=4,
-                                 down_block_types=("DownEncoderBlock2D",) * 3,
-                                 up_block_types=("UpDecoderBlock2D",) * 3), 3).eval()
-  params = {"unet": unet_params_from_diffusers(unet), "text_encoder": clip_params_from_transformers(text),
-            "vae": vae_params_from_diffusers(vae)}
-  patch_motion_norms_per_frame(unet, FRAMES)
-  tok_dir = tmp_path_factory.mktemp("tok")
-  CLIPTokenizer.default().save_pretrained(tok_dir)
-  hf_tok = HFTokenizer.from_pretrained(tok_dir, pad_token="<|endoftext|>", model_max_length=77)
-  parts = dict(vae=vae, text_encoder=text, tokenizer=hf_tok, unet=unet, motion_adapter=adapter)
+  from torch_ref import tiny_animatediff
+  cfg, params, pipe = tiny_animatediff(tmp_path_factory.mktemp("tok"))
+  parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+               motion_adapter=pipe.motion_adapter)
   return Pipeline(cfg, params), parts
 
 
