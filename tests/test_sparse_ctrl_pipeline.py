@@ -142,7 +142,9 @@ ctrl_cfg = SparseCtrlConfig.scribble(conditioning_embedding_channels=(8, 16, 16)
 ctrl = (ctrl_cfg, random_like(param_shapes(ctrl_cfg, cfg.unet), 3))   # no zero convs: it acts
 sc = SamplingConfig(frames=8, height=32, width=32, steps=2, sparse_ctrl=SparseCtrlSampling(0.9))
 imgs = np.random.default_rng(0).uniform(0, 1, (1, 2, 32, 32, 3)).astype(np.float32)
-for c in (sc, dataclasses.replace(sc, context=ContextConfig(context_length=4, overlap=2))):
+# With windows only (the conditions are sliced per window and the windows sharded): the plain
+# sharded path is the same code with one window, and CI time is short.
+for c in (dataclasses.replace(sc, context=ContextConfig(context_length=4, overlap=2)),):
   one = Pipeline(cfg, params, sparse_ctrl=ctrl)
   a = one(["a red circle"], [""], [1], c, progress=False, control=one.sparse_condition(imgs, [0, 5], c))
   eight = Pipeline(cfg, params, sparse_ctrl=ctrl, mesh=make_mesh(frames=4))   # data=2 x frames=4
