@@ -91,12 +91,7 @@ def load_motion_module(path: str, version: Optional[str] = None, num_heads: Opti
   notes = info.setdefault("notes", [])
   adapter_cfg = {}
   if os.path.isdir(path):
-    weights = io.component_weights(path)
-    if weights is None:
-      raise ConversionError(f"{path}: a folder without diffusion_pytorch_model.safetensors/.bin")
-    cfg_path = os.path.join(path, "config.json")
-    adapter_cfg = io.read_json(cfg_path) if os.path.isfile(cfg_path) else {}
-    sd = io.load_torch_file(weights, info, progress)
+    sd, adapter_cfg = io.load_diffusers_component(path, info, progress)
   else:
     sd = io.load_torch_file(path, info, progress)
   fmt = detect_keys(sd)

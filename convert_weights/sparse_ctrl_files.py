@@ -109,12 +109,7 @@ def load_sparse_ctrl(path: str, overrides: Optional[dict] = None, info: Optional
   info.setdefault("notes", [])
   dcfg = {}
   if os.path.isdir(path):
-    weights = io.component_weights(path)
-    if weights is None:
-      raise ConversionError(f"{path}: a folder without diffusion_pytorch_model.safetensors/.bin")
-    cfg_path = os.path.join(path, "config.json")
-    dcfg = io.read_json(cfg_path) if os.path.isfile(cfg_path) else {}
-    sd = io.load_torch_file(weights, info, progress)
+    sd, dcfg = io.load_diffusers_component(path, info, progress)
   else:
     sd = io.load_torch_file(path, info, progress)
   return tree_from_state_dict(sd, path, dcfg, info.get("animatediff_config"), overrides, info)
