@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import MotionAdapter, SparseControlNetModel, UNet2DConditionModel, UNetMotionModel
+from diffusers import SparseControlNetModel
 
 from adiff_jax.errors import InputError
 from adiff_jax.motion_module import MotionModuleConfig
@@ -19,7 +19,8 @@ from convert_weights import io
 from convert_weights.inspect_cmd import inspect
 from convert_weights.sparse_ctrl_files import (export_sparse_ctrl, load_sparse_ctrl,
                                                sparse_ctrl_state_dict, tree_from_state_dict)
-from torch_ref import patch_motion_norms_per_frame, randomize_, to_numpy_sd, unet_params_from_diffusers
+from torch_ref import (patch_motion_norms_per_frame, randomize_, tiny_unet_motion, to_numpy_sd,
+                       unet_params_from_diffusers)
 
 UNET = UNetConfig.tiny()
 EMB = (8, 16, 16, 16)      # a cheap conditioning embedding with the published 3 stride-2 steps
@@ -90,14 +91,7 @@ def test_sparse_ctrl_matches_diffusers(simplified):
 
 
 def torch_unet_motion(seed=1):
-  unet2d = UNet2DConditionModel(
-      block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=2, cross_attention_dim=32,
-      norm_num_groups=8, sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-  adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
-                          motion_num_attention_heads=2, motion_norm_num_groups=8,
-                          motion_max_seq_length=32, use_motion_mid_block=False)
-  return randomize_(UNetMotionModel.from_unet2d(unet2d, adapter), seed).eval()
+  return tiny_unet_motion(seed)[0]
 
 
 def test_unet_residuals_match_diffusers_unet_motion_model():

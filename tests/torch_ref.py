@@ -85,20 +85,10 @@ def vae_params_from_diffusers(model: nn.Module) -> dict:
   return state_dict_to_tree(to_numpy_sd(model))
 
 
-def tiny_animatediff(tok_dir):
-  """(ModelConfig.tiny(), our params, diffusers AnimateDiffPipeline) with the same random tiny
-  weights: the reference for whole-pipeline parity (motion norms patched per frame, as the
-  official code; DDIM with the official AnimateDiff settings)."""
-  import torch
-  from diffusers import (AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, MotionAdapter,
-                         UNet2DConditionModel, UNetMotionModel)
-  from transformers import CLIPTextConfig as HFCLIPConfig, CLIPTextModel as HFCLIP
-  from transformers import CLIPTokenizer as HFTokenizer
-  from adiff_jax.model import ModelConfig
-  from adiff_jax.tokenizer import CLIPTokenizer
-
-  torch.manual_seed(0)
-  cfg = ModelConfig.tiny()
+def tiny_unet_motion(seed: int = 1):
+  """(diffusers UNetMotionModel, MotionAdapter) of ModelConfig.tiny()'s UNet and motion module,
+  every parameter random (`randomize_(..., seed)`), in eval mode."""
+  from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
   unet2d = UNet2DConditionModel(
       block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=2, cross_attention_dim=32,
       norm_num_groups=8, sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -106,7 +96,23 @@ def tiny_animatediff(tok_dir):
   adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
                           motion_num_attention_heads=2, motion_norm_num_groups=8,
                           motion_max_seq_length=32, use_motion_mid_block=False)
-  unet = randomize_(UNetMotionModel.from_unet2d(unet2d, adapter), 1).eval()
+  return randomize_(UNetMotionModel.from_unet2d(unet2d, adapter), seed).eval(), adapter
+
+
+def tiny_animatediff(tok_dir):
+  """(ModelConfig.tiny(), our params, diffusers AnimateDiffPipeline) with the same random tiny
+  weights: the reference for whole-pipeline parity (motion norms patched per frame, as the
+  official code; DDIM with the official AnimateDiff settings)."""
+  import torch
+  from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler
+  from transformers import CLIPTextConfig as HFCLIPConfig, CLIPTextModel as HFCLIP
+  from transformers import CLIPTokenizer as HFTokenizer
+  from adiff_jax.model import ModelConfig
+  from adiff_jax.tokenizer import CLIPTokenizer
+
+  torch.manual_seed(0)
+  cfg = ModelConfig.tiny()
+  unet, adapter = tiny_unet_motion(1)
   t = cfg.text
   text = randomize_(HFCLIP(HFCLIPConfig(
       vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
