@@ -6,8 +6,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
-from transformers import CLIPTextConfig as HFConfig, CLIPTextModel as HFCLIP
+from diffusers import MotionAdapter, UNetMotionModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -15,29 +14,18 @@ import sample  # noqa: E402
 from adiff_jax.errors import InputError  # noqa: E402
 from adiff_jax.model import ModelConfig  # noqa: E402
 from adiff_jax.tokenizer import CLIPTokenizer  # noqa: E402
-from torch_ref import (clip_params_from_transformers, randomize_, unet_params_from_diffusers,  # noqa: E402
-                       vae_params_from_diffusers)
+from torch_ref import (clip_params_from_transformers, randomize_, tiny_text_encoder, tiny_unet2d,  # noqa: E402
+                       tiny_vae, unet_params_from_diffusers, vae_params_from_diffusers)
 
 
 @pytest.fixture(scope="module")
 def torch_files(tmp_path_factory):
   root = tmp_path_factory.mktemp("pt")
-  cfg = ModelConfig.tiny()
-  unet = randomize_(UNet2DConditionModel(
-      block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=2, cross_attention_dim=32,
-      norm_num_groups=8, sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")), 1)
+  unet = randomize_(tiny_unet2d(), 1)
   adapter = randomize_(MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
                                      motion_num_attention_heads=2, motion_norm_num_groups=8,
                                      motion_max_seq_length=32, use_motion_mid_block=False), 2)
-  t = cfg.text
-  text = randomize_(HFCLIP(HFConfig(
-      vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-      num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-      max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act)), 3)
-  vae = randomize_(AutoencoderKL(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
-                                 down_block_types=("DownEncoderBlock2D",) * 3,
-                                 up_block_types=("UpDecoderBlock2D",) * 3), 4)
+  text, vae = tiny_text_encoder(3), tiny_vae(4)
   base = root / "base"
   unet.save_pretrained(base / "unet")
   vae.save_pretrained(base / "vae")

@@ -70,9 +70,8 @@ def _ctrl_kwargs(simplified: bool) -> str:
 def workspace(tmp_path_factory):
   """A folder laid out as the official repo expects: tiny stand-ins at every path."""
   import torch
-  from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+  from diffusers import MotionAdapter
   from PIL import Image
-  from transformers import CLIPTextConfig as HFConfig, CLIPTextModel as HFCLIP
   from adiff_jax.lora import domain_adapter_filter
   from adiff_jax.model import ModelConfig
   from adiff_jax.params import flatten
@@ -81,24 +80,14 @@ def workspace(tmp_path_factory):
   from convert_weights import io
   from convert_weights.sparse_ctrl_files import sparse_ctrl_state_dict
   from convert_weights.tree import path_to_torch_key
-  from torch_ref import randomize_, unet_params_from_diffusers
+  from torch_ref import randomize_, tiny_text_encoder, tiny_unet2d, tiny_vae, unet_params_from_diffusers
 
   root = tmp_path_factory.mktemp("official")
   p = lambda rel: str(root / rel)
   cfg = ModelConfig.tiny()
   torch.manual_seed(0)
-  unet = randomize_(UNet2DConditionModel(
-      block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=2, cross_attention_dim=32,
-      norm_num_groups=8, sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")), 1)
-  t = cfg.text
-  text = randomize_(HFCLIP(HFConfig(
-      vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-      num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-      max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act)), 3)
-  vae = randomize_(AutoencoderKL(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
-                                 down_block_types=("DownEncoderBlock2D",) * 3,
-                                 up_block_types=("UpDecoderBlock2D",) * 3), 4)
+  unet = randomize_(tiny_unet2d(), 1)
+  text, vae = tiny_text_encoder(3), tiny_vae(4)
   base = p(DREAMBOOTH)       # a diffusers folder stands in for the DreamBooth file
   unet.save_pretrained(os.path.join(base, "unet"))
   vae.save_pretrained(os.path.join(base, "vae"))

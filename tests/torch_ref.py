@@ -85,14 +85,40 @@ def vae_params_from_diffusers(model: nn.Module) -> dict:
   return state_dict_to_tree(to_numpy_sd(model))
 
 
-def tiny_unet_motion(seed: int = 1):
-  """(diffusers UNetMotionModel, MotionAdapter) of ModelConfig.tiny()'s UNet and motion module,
-  every parameter random (`randomize_(..., seed)`), in eval mode."""
-  from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-  unet2d = UNet2DConditionModel(
+def tiny_unet2d():
+  """diffusers UNet2DConditionModel of ModelConfig.tiny()'s image UNet (its own init: randomize it)."""
+  from diffusers import UNet2DConditionModel
+  return UNet2DConditionModel(
       block_out_channels=(32, 64), layers_per_block=2, attention_head_dim=2, cross_attention_dim=32,
       norm_num_groups=8, sample_size=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def tiny_text_encoder(seed: int):
+  """transformers CLIPTextModel of ModelConfig.tiny()'s text encoder, random (`randomize_`)."""
+  from transformers import CLIPTextConfig, CLIPTextModel
+  from adiff_jax.model import ModelConfig
+  t = ModelConfig.tiny().text
+  return randomize_(CLIPTextModel(CLIPTextConfig(
+      vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+      num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+      max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act)), seed).eval()
+
+
+def tiny_vae(seed: int):
+  """diffusers AutoencoderKL of ModelConfig.tiny()'s VAE, random (`randomize_`)."""
+  from diffusers import AutoencoderKL
+  return randomize_(AutoencoderKL(block_out_channels=(32, 64, 64), layers_per_block=1,
+                                  norm_num_groups=8, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 3,
+                                  up_block_types=("UpDecoderBlock2D",) * 3), seed).eval()
+
+
+def tiny_unet_motion(seed: int = 1):
+  """(diffusers UNetMotionModel, MotionAdapter) of ModelConfig.tiny()'s UNet and motion module,
+  every parameter random (`randomize_(..., seed)`), in eval mode."""
+  from diffusers import MotionAdapter, UNetMotionModel
+  unet2d = tiny_unet2d()
   adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
                           motion_num_attention_heads=2, motion_norm_num_groups=8,
                           motion_max_seq_length=32, use_motion_mid_block=False)
@@ -104,8 +130,7 @@ def tiny_animatediff(tok_dir):
   weights: the reference for whole-pipeline parity (motion norms patched per frame, as the
   official code; DDIM with the official AnimateDiff settings)."""
   import torch
-  from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler
-  from transformers import CLIPTextConfig as HFCLIPConfig, CLIPTextModel as HFCLIP
+  from diffusers import AnimateDiffPipeline, DDIMScheduler
   from transformers import CLIPTokenizer as HFTokenizer
   from adiff_jax.model import ModelConfig
   from adiff_jax.tokenizer import CLIPTokenizer
@@ -113,15 +138,7 @@ def tiny_animatediff(tok_dir):
   torch.manual_seed(0)
   cfg = ModelConfig.tiny()
   unet, adapter = tiny_unet_motion(1)
-  t = cfg.text
-  text = randomize_(HFCLIP(HFCLIPConfig(
-      vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-      num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-      max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act)), 2).eval()
-  vae = randomize_(AutoencoderKL(block_out_channels=(32, 64, 64), layers_per_block=1,
-                                 norm_num_groups=8, latent_channels=4,
-                                 down_block_types=("DownEncoderBlock2D",) * 3,
-                                 up_block_types=("UpDecoderBlock2D",) * 3), 3).eval()
+  text, vae = tiny_text_encoder(2), tiny_vae(3)
   params = {"unet": unet_params_from_diffusers(unet), "text_encoder": clip_params_from_transformers(text),
             "vae": vae_params_from_diffusers(vae)}
   patch_motion_norms_per_frame(unet, 8)
