@@ -1,4 +1,6 @@
-"""CLIP text encoder (the SD1.5 `text_encoder`, OpenAI CLIP ViT-L/14 text tower) in Flax linen.
+"""CLIP text encoders in Flax linen: the SD1.5 `text_encoder` (OpenAI CLIP ViT-L/14 text tower,
+transformers `CLIPTextModel`) and, with `projection_dim`, SDXL's `text_encoder_2` (OpenCLIP
+ViT-bigG/14 text tower, transformers `CLIPTextModelWithProjection`).
 
 Parameter tree (mirrors the transformers/diffusers checkpoint, see docs/params.md):
 
@@ -6,6 +8,7 @@ Parameter tree (mirrors the transformers/diffusers checkpoint, see docs/params.m
     text_model/encoder/layers_i/{layer_norm1, self_attn/{q_proj,k_proj,v_proj,out_proj},
                                  layer_norm2, mlp/{fc1,fc2}}
     text_model/final_layer_norm
+    text_projection/kernel (hidden, projection_dim)     only with projection_dim (no bias)
 
 Pre-LN transformer with a causal mask. Parameters are stored in `param_dtype`, matmuls run in
 `dtype`; layer norms and the attention softmax always run in f32.
@@ -35,17 +38,36 @@ class CLIPTextConfig:
   max_position_embeddings: int = 77
   layer_norm_eps: float = 1e-5
   hidden_act: str = "quick_gelu"  # SD1.5 (OpenAI CLIP); "gelu" for e.g. OpenCLIP-trained towers
+  # transformers' CLIPTextModelWithProjection: a bias-free `text_projection` of the pooled state
+  # (SDXL's text_encoder_2: 1280). None: plain CLIPTextModel (SD1.5, SDXL's first encoder).
+  projection_dim: Optional[int] = None
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise InputError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
     if self.hidden_act not in _ACTIVATIONS:
       raise InputError(f"hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}")
+    if self.projection_dim is not None and (isinstance(self.projection_dim, bool) or not isinstance(
+        self.projection_dim, int) or self.projection_dim < 1):
+      raise InputError(f"projection_dim must be a positive int or None, got {self.projection_dim!r}")
 
   @classmethod
   def sd15(cls) -> "CLIPTextConfig":
     """openai/clip-vit-large-patch14 text tower, as shipped in SD1.x `text_encoder/`."""
     return cls()
+
+  @classmethod
+  def sdxl_l(cls) -> "CLIPTextConfig":
+    """SDXL's first text encoder (`text_encoder/`): the same CLIP ViT-L/14 tower as SD1.5."""
+    return cls.sd15()
+
+  @classmethod
+  def sdxl_bigg(cls) -> "CLIPTextConfig":
+    """SDXL's second text encoder (`text_encoder_2/`): OpenCLIP ViT-bigG/14's text tower as
+    transformers' CLIPTextModelWithProjection (exact GELU, 1280-wide projection, 694,659,840
+    parameters)."""
+    return cls(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20,
+               hidden_act="gelu", projection_dim=1280)
 
   @classmethod
   def tiny(cls) -> "CLIPTextConfig":
@@ -143,8 +165,10 @@ class CLIPEncoder(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, num_layers: int):
-    """Runs the first `num_layers` layers; all layers still get parameters at init."""
+  def __call__(self, x, num_layers: int) -> list:
+    """Runs the first `num_layers` layers; all layers still get parameters at init. Returns the
+    hidden states [input, after layer 1, ..., after layer num_layers] (with every layer run:
+    transformers' `hidden_states`)."""
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     # Build every layer so the tree is complete even when clip_skip > 1 at init time.
     layers = [CLIPEncoderLayer(cfg, self.attention_impl, name=f"layers_{i}", **kw)
@@ -152,9 +176,11 @@ class CLIPEncoder(nn.Module):
     if self.is_initializing():
       for layer in layers[num_layers:]:
         layer(x)  # parameters only; the result is discarded
+    states = [x]
     for layer in layers[:num_layers]:
       x = layer(x)
-    return x
+      states.append(x)
+    return states
 
 
 class CLIPTextTransformer(nn.Module):
@@ -164,15 +190,28 @@ class CLIPTextTransformer(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, clip_skip: int):
+  def __call__(self, input_ids, clip_skip: int, hidden_state: Optional[int] = None, pool: bool = False):
+    """-> (output, last): output = final_layer_norm(hidden_states[-clip_skip]), or
+    hidden_states[-hidden_state] as is when hidden_state is given; last = the final normed
+    state of the last layer (transformers' last_hidden_state) when pool, else None. Only the
+    layers these need are run."""
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = CLIPEmbeddings(cfg, name="embeddings", **kw)(input_ids)
-    x = CLIPEncoder(cfg, self.attention_impl, name="encoder", **kw)(x, cfg.num_layers - clip_skip + 1)
-    return _layer_norm(cfg, self.param_dtype, "final_layer_norm")(x).astype(self.dtype)
+    k = clip_skip if hidden_state is None else hidden_state
+    depth = cfg.num_layers if pool else cfg.num_layers - k + 1
+    states = CLIPEncoder(cfg, self.attention_impl, name="encoder", **kw)(x, depth)
+    norm = _layer_norm(cfg, self.param_dtype, "final_layer_norm")
+    h = states[cfg.num_layers - k + 1]  # transformers hidden_states[-k]
+    out = h if hidden_state is not None else norm(h).astype(self.dtype)
+    if not pool:
+      return out, None
+    if hidden_state is None and k == 1:
+      return out, out
+    return out, norm(states[-1]).astype(self.dtype)
 
 
 class CLIPTextModel(nn.Module):
-  """SD text encoder. `model.apply(params, ids)` -> last_hidden_state (B, L, hidden).
+  """SD / SDXL text encoder. `model.apply(params, ids)` -> last_hidden_state (B, L, hidden).
 
   clip_skip (static Python int, 1..num_layers): 1 = the normal output (last layer, then
   final_layer_norm). k > 1 = the hidden state entering the k-1'th layer from the end, i.e.
@@ -180,8 +219,17 @@ class CLIPTextModel(nn.Module):
   "CLIP skip" convention (clip_skip=2 is common for anime-style SD1.5 checkpoints). The
   skipped layers are not computed.
 
-  return_pooled=True returns (last_hidden_state, pooled (B, hidden)): the state at the eos
-  position, taken as argmax(input_ids) (eos 49407 is the largest id; SD convention).
+  hidden_state (static int, 1..num_layers + 1, or None): return transformers'
+  `hidden_states[-hidden_state]` as is, WITHOUT final_layer_norm (the SDXL convention: both
+  SDXL encoders give `hidden_states[-2]`; see `adiff_jax.sdxl_text`). Excludes clip_skip > 1.
+
+  return_pooled=True returns (hidden, pooled): transformers' pooler_output, the final state
+  (last layer, final_layer_norm) at the eos position, taken as argmax(input_ids) (eos 49407
+  is the largest id: transformers' rule for configs with the legacy eos_token_id 2, which
+  SD1.5's and SDXL's both have, and the same position as its first-eos rule on tokenizer
+  output); projected by `text_projection` when the config has `projection_dim`
+  (CLIPTextModelWithProjection's text_embeds, (B, projection_dim)), else (B, hidden). All
+  layers run then, whatever clip_skip / hidden_state select for `hidden`.
   """
   config: CLIPTextConfig = CLIPTextConfig()
   attention_impl: Optional[str] = None  # passed to dot_product_attention
@@ -189,7 +237,8 @@ class CLIPTextModel(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, clip_skip: int = 1, return_pooled: bool = False):
+  def __call__(self, input_ids, clip_skip: int = 1, return_pooled: bool = False,
+               hidden_state: Optional[int] = None):
     cfg = self.config
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -202,10 +251,26 @@ class CLIPTextModel(nn.Module):
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not (
         1 <= clip_skip <= cfg.num_layers):
       raise InputError(f"clip_skip must be an int in [1, {cfg.num_layers}], got {clip_skip!r}")
-    hidden = CLIPTextTransformer(cfg, self.attention_impl, self.dtype, self.param_dtype,
-                                 name="text_model")(input_ids, clip_skip)  # (B, L, hidden)
+    if hidden_state is not None:
+      if isinstance(hidden_state, bool) or not isinstance(hidden_state, int) or not (
+          1 <= hidden_state <= cfg.num_layers + 1):
+        raise InputError(f"hidden_state must be None or an int in [1, {cfg.num_layers + 1}] "
+                         f"(transformers hidden_states[-k]), got {hidden_state!r}")
+      if clip_skip != 1:
+        raise InputError("give clip_skip or hidden_state, not both")
+    hidden, last = CLIPTextTransformer(cfg, self.attention_impl, self.dtype, self.param_dtype,
+                                       name="text_model")(input_ids, clip_skip, hidden_state,
+                                                          return_pooled)  # (B, L, hidden)
+    proj = None
+    if cfg.projection_dim is not None:
+      proj = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name="text_projection")
     if not return_pooled:
+      if proj is not None and self.is_initializing():
+        proj(hidden[:, 0])  # parameters only
       return hidden
     eos_pos = jnp.argmax(input_ids, axis=-1)  # first occurrence: the eos, not the eos padding
-    pooled = jnp.take_along_axis(hidden, eos_pos[:, None, None], axis=1)[:, 0]  # (B, hidden)
+    pooled = jnp.take_along_axis(last, eos_pos[:, None, None], axis=1)[:, 0]  # (B, hidden)
+    if proj is not None:
+      pooled = proj(pooled)  # (B, projection_dim)
     return hidden, pooled

@@ -4,7 +4,8 @@
       metadata.json      versions, configs (architecture only), sources, items
       unet/              Orbax PyTree items (numpy arrays on restore), one per part:
       motion_module/     unet (image UNet), motion_module, text_encoder, vae,
-      ...                motion_lora_<i>, domain_adapter, extras_<part> (for exact export)
+      ...                text_encoder_2 (SDXL), motion_lora_<i>, domain_adapter,
+                         extras_<part> (for exact export)
 
 `python -m convert_weights to-orbax` writes them from PyTorch files, `train.py` exports them,
 `load` reads them for sampling, training and the benchmarks. Writes are atomic: everything goes
@@ -23,7 +24,7 @@ from adiff_jax import lora as lora_lib
 from adiff_jax.clip_text import CLIPTextConfig
 from adiff_jax.config_io import from_dict, to_dict
 from adiff_jax.errors import InputError
-from adiff_jax.model import ModelConfig, PARTS
+from adiff_jax.model import ALL_PARTS, ModelConfig, PARTS
 from adiff_jax.motion_module import MotionModuleConfig, merge_motion_module, split_motion_module
 from adiff_jax.params import flatten
 from adiff_jax.unet import UNetConfig
@@ -32,7 +33,7 @@ from adiff_jax.vae import VAEConfig
 FORMAT_VERSION = "1"
 METADATA = "metadata.json"
 CONFIG_CLASSES = {"unet": UNetConfig, "motion_module": MotionModuleConfig,
-                  "text_encoder": CLIPTextConfig, "vae": VAEConfig}
+                  "text_encoder": CLIPTextConfig, "text_encoder_2": CLIPTextConfig, "vae": VAEConfig}
 # Keys that directories written before configs became architecture-only may carry: ignored.
 _LEGACY_KEYS = frozenset({"dtype", "param_dtype"})
 
@@ -124,8 +125,8 @@ def load_items(model_dir: str, items: Optional[Iterable[str]] = None) -> tuple[d
 
 
 def config_of(meta: dict, part: str, where: str = "metadata.json"):
-  """The config of `part` ("unet", "motion_module", "text_encoder", "vae") in a model dir's
-  metadata."""
+  """The config of `part` ("unet", "motion_module", "text_encoder", "text_encoder_2", "vae") in a
+  model dir's metadata."""
   cfg = meta.get("configs", {}).get(part)
   if cfg is None:
     raise InputError(f"{where}: no {part} config")
@@ -135,6 +136,8 @@ def config_of(meta: dict, part: str, where: str = "metadata.json"):
 def configs_metadata(config: ModelConfig) -> dict:
   """The "configs" section of metadata.json for a whole model."""
   out = {"unet": to_dict(config.unet), "text_encoder": to_dict(config.text), "vae": to_dict(config.vae)}
+  if config.text_2 is not None:
+    out["text_encoder_2"] = to_dict(config.text_2)
   if config.motion is not None:
     out["motion_module"] = to_dict(config.motion)
   return out
@@ -165,7 +168,8 @@ def load(path: str, motion_module: Optional[str] = None,
          motion_loras: Sequence[tuple[str, float]] = (),
          domain_adapter: Optional[tuple[str, float]] = None,
          parts: Sequence[str] = PARTS) -> tuple[ModelConfig, dict, Optional[dict], dict]:
-  """A model dir -> (ModelConfig, params {"unet", "text_encoder", "vae"}, lora, metadata).
+  """A model dir -> (ModelConfig, params {"unet", "text_encoder", "vae"[, "text_encoder_2"]}, lora,
+  metadata). An SDXL dir's "text_encoder_2" item is loaded whenever present (config.text_2).
 
   motion_module: a model dir holding a `motion_module` item, used instead of `path`'s own.
   motion_loras / domain_adapter: (model dir, alpha) pairs, applied on top of any LoRA items
@@ -184,7 +188,7 @@ def load(path: str, motion_module: Optional[str] = None,
   if missing:
     raise InputError(f"{path}: no {', '.join(missing)} item(s) (it has {', '.join(have) or 'none'}); "
                      "a full base model is needed (python -m convert_weights to-orbax --base ...)")
-  items, _ = load_items(path, [p for p in PARTS + ("motion_module",) if p in have])
+  items, _ = load_items(path, [p for p in ALL_PARTS + ("motion_module",) if p in have])
   mm_dir, mm_meta = (motion_module, read_metadata(motion_module)) if motion_module else (path, meta)
   if motion_module:
     items["motion_module"] = load_items(motion_module, ["motion_module"])[0]["motion_module"]
@@ -197,8 +201,14 @@ def load(path: str, motion_module: Optional[str] = None,
   config = ModelConfig(
       config_of(meta, "unet", where) if "unet" in items else None, motion,
       config_of(meta, "text_encoder", where) if "text_encoder" in items else None,
-      config_of(meta, "vae", where) if "vae" in items else None)
-  params = {"unet": unet, "text_encoder": items.get("text_encoder"), "vae": items.get("vae")}
+      config_of(meta, "vae", where) if "vae" in items else None,
+      config_of(meta, "text_encoder_2", where) if "text_encoder_2" in items else None)
+  params = {"unet": unet, "text_encoder": items.get("text_encoder"), "vae": items.get("vae"),
+            "text_encoder_2": items.get("text_encoder_2")}
+  if (config.unet is not None and config.unet.addition_embed_type and "text_encoder" in parts
+      and config.text_2 is None):
+    raise InputError(f"{path}: an SDXL UNet but no text_encoder_2 item (it has {', '.join(have)}); "
+                     "convert the whole SDXL base model (python -m convert_weights to-orbax --base ...)")
   params = {k: v for k, v in params.items() if v is not None and (k != "unet" or flatten(v))}
 
   adapters = [(t, 1.0) for t in _loras_of(path)]

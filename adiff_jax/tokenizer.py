@@ -1,13 +1,15 @@
-"""CLIP BPE tokenizer with the SD1.x conventions, fully offline.
+"""CLIP BPE tokenizer with the SD1.x / SDXL conventions, fully offline.
 
 Produces the same ids as transformers' `CLIPTokenizer` (v5, `tokenizers` backend) with
-`pad_token="<|endoftext|>"`, `padding="max_length"`, `max_length=77`, `truncation=True`:
+`pad_token="<|endoftext|>"` (SD1.x, SDXL `tokenizer/`) or `pad_token="!"` (SDXL `tokenizer_2/`),
+`padding="max_length"`, `max_length=77`, `truncation=True`:
 
-    [bos=49406] + BPE tokens (at most 75) + [eos=49407] + eos padding up to 77
+    [bos=49406] + BPE tokens (at most 75) + [eos=49407] + padding up to 77 (49407, or 0 for "!")
 
 Text pipeline (mirrors the `tokenizers` graph transformers builds for CLIP):
-  1. the literal special tokens `<|startoftext|>` / `<|endoftext|>` are cut out of the raw
-     text first (case-sensitive) and map to their ids;
+  1. the literal special tokens `<|startoftext|>` / `<|endoftext|>` (and the pad token: with
+     pad "!", every "!" of the prompt) are cut out of the raw text first (case-sensitive) and
+     map to their ids;
   2. every other segment: Unicode NFC, runs of whitespace -> one space, lower-case;
   3. split into words: `<|..|>` literals, contractions ('s 't 're 've 'm 'll 'd), runs of
      letters, single digits, runs of anything else; whitespace is dropped;
@@ -26,7 +28,7 @@ import os
 import unicodedata
 import warnings
 from importlib import resources
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import regex
@@ -94,37 +96,78 @@ def load_builtin_merges() -> list[tuple[str, str]]:
   return _parse_merges(lines[1:NUM_MERGES + 1])  # line 0 is the version header
 
 
+def _token_content(value) -> Optional[str]:
+  """A special token as tokenizer files store it: a string or {"content": ...} (AddedToken)."""
+  if isinstance(value, dict):
+    value = value.get("content")
+  return value if isinstance(value, str) else None
+
+
+def read_pad_token(folder: str) -> Optional[str]:
+  """The pad token a transformers tokenizer folder declares: `special_tokens_map.json`, which
+  transformers lets override `tokenizer_config.json`, then `tokenizer_config.json`; None if
+  neither names one."""
+  for name in ("special_tokens_map.json", "tokenizer_config.json"):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      try:
+        with open(path, encoding="utf-8") as f:
+          pad = _token_content(json.load(f).get("pad_token"))
+      except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise InputError(f"{path}: unreadable tokenizer file ({e})") from None
+      if pad is not None:
+        return pad
+  return None
+
+
 class CLIPTokenizer:
-  """Text -> (B, 77) int32 CLIP token ids, SD1.x style (bos, text, eos, eos padding)."""
+  """Text -> (B, 77) int32 CLIP token ids: bos, text, eos, then `pad_token` up to 77.
+
+  pad_token: "<|endoftext|>" (SD1.x and SDXL's first tokenizer) or "!" (id 0: SDXL's
+  `tokenizer_2`, OpenCLIP's zero padding); any token of the vocabulary.
+  """
 
   def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]],
-               max_length: int = MAX_LENGTH):
+               max_length: int = MAX_LENGTH, pad_token: str = EOS_TOKEN):
     if max_length < 2:
       raise InputError(f"max_length must be >= 2 (bos + eos), got {max_length}")
     for tok in (BOS_TOKEN, EOS_TOKEN):
       if tok not in vocab:
         raise InputError(f"vocabulary has no {tok!r}")
+    if pad_token not in vocab:
+      raise InputError(f"pad_token {pad_token!r} is not in the vocabulary")
     self.encoder = dict(vocab)
     self.merges = [tuple(m) for m in merges]
     self.ranks = {m: i for i, m in enumerate(self.merges)}
     self.byte_encoder = bytes_to_unicode()
     self.bos_id = self.encoder[BOS_TOKEN]
     self.eos_id = self.encoder[EOS_TOKEN]
-    self.pad_id = self.eos_id  # SD1.x pads with eos
+    self.pad_token = pad_token
+    self.pad_id = self.encoder[pad_token]  # SD1.x pads with eos, SDXL's tokenizer_2 with "!" (0)
+    # Special tokens are cut out of the raw text first. transformers registers the pad token as
+    # one too, so with pad "!" every "!" of a prompt becomes id 0, never merged ("cat!!" ->
+    # cat</w> 0 0): SDXL tokenizer_2's ids in diffusers.
+    self.special_tokens = tuple(dict.fromkeys((BOS_TOKEN, EOS_TOKEN, pad_token)))
+    self._special = (_SPECIAL if pad_token in (BOS_TOKEN, EOS_TOKEN) else regex.compile(
+        "(" + "|".join(regex.escape(t) for t in (BOS_TOKEN, EOS_TOKEN, pad_token)) + ")"))
     self.max_length = max_length
     self._cache: dict[str, list[int]] = {}  # per instance: words repeat a lot across prompts
 
   @classmethod
-  def default(cls) -> "CLIPTokenizer":
-    """The built-in OpenAI CLIP vocabulary (bos 49406, eos 49407, 49408 tokens)."""
+  def default(cls, pad: str = EOS_TOKEN) -> "CLIPTokenizer":
+    """The built-in OpenAI CLIP vocabulary (bos 49406, eos 49407, 49408 tokens); pad="!" gives
+    SDXL's tokenizer_2."""
     merges = load_builtin_merges()
-    return cls(vocab_from_merges(merges), merges)
+    return cls(vocab_from_merges(merges), merges, pad_token=pad)
 
   @classmethod
-  def from_pretrained(cls, folder: str | os.PathLike) -> "CLIPTokenizer":
-    """Load `vocab.json` + `merges.txt` from `folder/tokenizer/` (diffusers layout) or `folder/`."""
+  def from_pretrained(cls, folder: str | os.PathLike, subfolder: str = "tokenizer",
+                      pad_token: Optional[str] = None) -> "CLIPTokenizer":
+    """Load `vocab.json` + `merges.txt` from `folder/<subfolder>/` (diffusers layout: "tokenizer",
+    SDXL also "tokenizer_2") or `folder/`. The pad token is `pad_token` if given, else what the
+    folder's special_tokens_map.json / tokenizer_config.json say, else eos."""
     folder = os.fspath(folder)
-    sub = os.path.join(folder, "tokenizer")
+    sub = os.path.join(folder, subfolder)
     root = sub if os.path.isfile(os.path.join(sub, "vocab.json")) else folder
     vocab_path, merges_path = os.path.join(root, "vocab.json"), os.path.join(root, "merges.txt")
     for path in (vocab_path, merges_path):
@@ -135,15 +178,23 @@ class CLIPTokenizer:
       vocab = json.load(f)
     with open(merges_path, encoding="utf-8") as f:
       merges = _parse_merges(f.read().split("\n"))
-    return cls(vocab, merges)
+    return cls(vocab, merges, pad_token=pad_token or read_pad_token(root) or EOS_TOKEN)
 
   def save_pretrained(self, folder: str | os.PathLike) -> None:
-    """Write `vocab.json` + `merges.txt` (transformers/diffusers format) into `folder`."""
+    """Write `vocab.json` + `merges.txt` + `special_tokens_map.json` + `tokenizer_config.json`
+    (transformers/diffusers format; the last two carry the pad token and max length) into `folder`."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
       json.dump(self.encoder, f, ensure_ascii=False)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
       f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN,
+               "pad_token": self.pad_token}
+    with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+      json.dump(special, f, ensure_ascii=False, indent=2)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+      json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, **special},
+                f, ensure_ascii=False, indent=2)
 
   @property
   def vocab_size(self) -> int:
@@ -178,8 +229,8 @@ class CLIPTokenizer:
     if not isinstance(text, str):
       raise TypeError(f"prompt must be str, got {type(text).__name__}")
     ids: list[int] = []
-    for segment in _SPECIAL.split(text):
-      if segment in (BOS_TOKEN, EOS_TOKEN):
+    for segment in self._special.split(text):
+      if segment in self.special_tokens:
         ids.append(self.encoder[segment])
         continue
       segment = _WS_RUN.sub(" ", unicodedata.normalize("NFC", segment)).lower()
@@ -211,10 +262,14 @@ class CLIPTokenizer:
     return out
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Best-effort inverse for debugging: drops bos/eos/pad, `</w>` -> space."""
+    """Best-effort inverse for debugging: drops bos/eos and the padding after the last eos,
+    `</w>` -> space."""
     inv = {v: k for k, v in self.encoder.items()}
     byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-    text = "".join(inv[int(i)] for i in ids if int(i) not in (self.bos_id, self.eos_id))
+    ids = [int(i) for i in ids]
+    if self.eos_id in ids:
+      ids = ids[:len(ids) - ids[::-1].index(self.eos_id)]
+    text = "".join(inv[i] for i in ids if i not in (self.bos_id, self.eos_id))
     raw = bytearray()
     for chunk in text.split("</w>"):
       raw.extend(byte_decoder.get(c, ord("?")) for c in chunk)

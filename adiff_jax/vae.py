@@ -43,6 +43,12 @@ class VAEConfig:
     return cls(**kw)
 
   @classmethod
+  def sdxl(cls, **kw) -> "VAEConfig":
+    """SDXL's VAE: SD1.5's architecture with retrained weights; latents scaled by 0.13025.
+    Its activations overflow fp16 (diffusers' `force_upcast`): decode in f32 (or bf16)."""
+    return cls(**{"scaling_factor": 0.13025, **kw})
+
+  @classmethod
   def tiny(cls, **kw) -> "VAEConfig":
     """Test-sized VAE (downsampling factor 2); diffusers accepts the same config."""
     return cls(**{"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8, **kw})

@@ -190,14 +190,19 @@ def vae_diffusers_to_ldm(sd: dict) -> dict:
 
 
 # ---------------------------------------------------------------- CLIP
+def _text_model_prefix(k: str) -> str:
+  return k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k
+
+
 def clip_ldm_to_diffusers(sd: dict) -> dict:
   """`cond_stage_model.transformer.` contents -> transformers names (always with `text_model.`;
-  files written with old transformers lack it)."""
-  return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+  files written with old transformers lack it; a CLIPTextModelWithProjection's
+  `text_projection.weight` stays beside it)."""
+  return {_text_model_prefix(k): v for k, v in sd.items()}
 
 
 def clip_diffusers_to_ldm(sd: dict) -> dict:
-  return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+  return {_text_model_prefix(k): v for k, v in sd.items()}
 
 
 # ---------------------------------------------------------------- whole file
