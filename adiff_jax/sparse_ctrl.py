@@ -26,14 +26,15 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-import numpy as np
 
+from adiff_jax.controlnet import ConditioningEmbedding, control_trunk, copy_unet_layers
+from adiff_jax.controlnet import zero_init_path as _controlnet_zero_init
 from adiff_jax.errors import InputError
 from adiff_jax.layers import Conv2d
 from adiff_jax.motion_module import MotionModuleConfig, is_motion_module
-from adiff_jax.params import flatten, random_like, unflatten
+from adiff_jax.params import random_like
 from adiff_jax.sharding import DATA, FRAMES, constrain
-from adiff_jax.unet import MidBlock, UNetConfig, _BlockSpec, down_pass, frame_time_embedding
+from adiff_jax.unet import UNetConfig, _BlockSpec, frame_time_embedding
 
 
 def _official_motion(**kw) -> MotionModuleConfig:
@@ -105,25 +106,6 @@ class SparseCtrlConfig:
   @property
   def embedding_in_channels(self) -> int:
     return self.conditioning_channels + int(self.concat_conditioning_mask)
-
-
-class ConditioningEmbedding(nn.Module):
-  """The ControlNet conditioning embedding: conv_in, then per level a conv and a stride-2 conv
-  (`blocks_<2i>`, `blocks_<2i+1>`), SiLU after each, then conv_out (zero at init) to C0."""
-  channels: tuple[int, ...]
-  out_channels: int
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    ch = self.channels
-    h = nn.silu(Conv2d(ch[0], name="conv_in", **kw)(x))
-    for i in range(len(ch) - 1):
-      h = nn.silu(Conv2d(ch[i], name=f"blocks_{2 * i}", **kw)(h))
-      h = nn.silu(Conv2d(ch[i + 1], stride=2, name=f"blocks_{2 * i + 1}", **kw)(h))
-    return Conv2d(self.out_channels, name="conv_out", **kw)(h)
 
 
 class SparseControlNet(nn.Module):
@@ -210,16 +192,9 @@ class SparseControlNet(nn.Module):
                                   name="controlnet_cond_embedding", **kw)(cond)
     x = x + emb
 
-    x, skips = down_pass(spec, x, temb, context)
-    x = MidBlock(spec, ucfg.block_out_channels[-1], ucfg.heads[-1], cfg.motion.mid_block,
-                 name="mid_block")(x, temb, context)
-
+    down, mid = control_trunk(spec, x, temb, context, cfg.motion.mid_block)
     scale = jnp.asarray(conditioning_scale, self.dtype)
-    zero_conv = lambda name, c: Conv2d(c, kernel_size=1, padding=0, name=name, **kw)
-    down = [zero_conv(f"controlnet_down_blocks_{k}", s.shape[-1])(s) * scale
-            for k, s in enumerate(skips)]
-    mid = zero_conv("controlnet_mid_block", x.shape[-1])(x) * scale
-    return down, mid
+    return [d * scale for d in down], mid * scale
 
 
 def sparse_condition(keyframes, indices: Sequence[int], frames: int):
@@ -262,14 +237,10 @@ def param_shapes(config: SparseCtrlConfig, unet: UNetConfig):
       jnp.zeros((1, 2, c, c, config.conditioning_channels)), jnp.zeros((1, 2)))["params"]
 
 
-_ZERO = ("controlnet_down_blocks_", "controlnet_mid_block/", "controlnet_cond_embedding/kernel",
-         "controlnet_cond_embedding/conv_out/kernel")
-
-
 def zero_init_path(path: str) -> bool:
-  """Kernels that start at zero (the official zero_module convs and the motion modules'
-  proj_out), so that a fresh SparseCtrl adds nothing."""
-  if path.endswith("kernel") and path.startswith(_ZERO):
+  """Kernels that start at zero (the official zero_module convs, as a ControlNet's, and the
+  motion modules' proj_out), so that a fresh SparseCtrl adds nothing."""
+  if _controlnet_zero_init(path):
     return True
   return is_motion_module(path) and path.endswith("proj_out/kernel")
 
@@ -282,12 +253,4 @@ def random_params(config: SparseCtrlConfig, unet: UNetConfig, seed: int = 0) -> 
 def init_from_unet(config: SparseCtrlConfig, unet: UNetConfig, unet_params: dict, seed: int = 0) -> dict:
   """A fresh SparseCtrl whose image layers (conv_in, time embedding, down and mid blocks, the
   UNet's motion modules excluded) are copied from a UNet tree: the official `from_unet`."""
-  tree = flatten(random_params(config, unet, seed))
-  src = flatten(unet_params)
-  for k in tree:
-    if k.startswith(("conv_in/", "time_embedding/", "down_blocks_", "mid_block/")) and not is_motion_module(k):
-      if k not in src or np.shape(src[k]) != tuple(tree[k].shape):
-        raise InputError(f"the UNet tree has no parameter {k} of shape {tuple(tree[k].shape)}: "
-                         "not the UNet this SparseCtrl config describes")
-      tree[k] = np.asarray(src[k])
-  return unflatten(tree)
+  return copy_unet_layers(random_params(config, unet, seed), unet_params, "SparseCtrl")

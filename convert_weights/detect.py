@@ -6,7 +6,7 @@ import os
 import re
 from typing import Optional
 
-from convert_weights import io, ldm, sparse_ctrl_keys
+from convert_weights import controlnet_keys, io, ldm, sparse_ctrl_keys
 
 # format id -> human description
 FORMATS = {
@@ -16,6 +16,9 @@ FORMATS = {
     "diffusers_folder": "diffusers model folder (unet/ vae/ text_encoder/)",
     "sparse_ctrl_original": "AnimateDiff SparseCtrl, original (guoyww) format",
     "sparse_ctrl_diffusers": "AnimateDiff SparseCtrl, diffusers SparseControlNetModel format",
+    "controlnet_ldm": "ControlNet, LDM format (lllyasviel control_sd15_* / control_v11*_sd15_*: "
+                      "control_model.* or bare input_hint_block / zero_convs)",
+    "controlnet_diffusers": "ControlNet, diffusers ControlNetModel format",
     "motion_module_original": "AnimateDiff motion module, original (guoyww) format",
     "motion_module_diffusers": "AnimateDiff motion module, diffusers MotionAdapter format",
     "unet_with_motion_modules": "whole video-UNet state dict (official train.py output); motion modules are taken",
@@ -33,6 +36,8 @@ def detect_keys(keys) -> str:
   starts = lambda p: any(k.startswith(p) for k in keys)
   if starts("lora_unet_") or starts("lora_te_"):
     return "kohya_lora"
+  if controlnet_keys.is_ldm_controlnet(keys):   # before "ldm": a v1.0 file also holds an SD model
+    return "controlnet_ldm"
   if starts("conditioner.embedders.") or starts(ldm.UNET_PREFIX + "label_emb."):
     return "sdxl"
   if starts("cond_stage_model.model."):
@@ -41,6 +46,8 @@ def detect_keys(keys) -> str:
     return "ldm"
   if sparse_ctrl_keys.is_sparse_ctrl(keys):
     return "sparse_ctrl_original" if has(".temporal_transformer.") else "sparse_ctrl_diffusers"
+  if controlnet_keys.is_diffusers_controlnet(keys):   # no motion modules, unlike SparseCtrl
+    return "controlnet_diffusers"
   if has("_lora.down.weight") or has("_lora.up.weight"):
     return "motion_lora" if has("motion_modules.") else "domain_adapter"
   if has("motion_modules."):
@@ -80,6 +87,21 @@ def motion_module_family(keys) -> str:
 def sparse_ctrl_name(keys) -> str:
   """What inspect calls a SparseCtrl file: RGB or scribble, from its condition embedding."""
   return SPARSE_CTRL_KINDS[sparse_ctrl_keys.kind(keys)]
+
+
+def controlnet_name(sd: dict) -> str:
+  """What inspect calls a ControlNet file (`sd`: its tensors, for the cross-attention width)."""
+  prefix = controlnet_keys.ldm_prefix(sd)
+  own, rest = controlnet_keys.strip_ldm(sd, prefix) if prefix is not None else (sd, [])
+  fam = controlnet_keys.family(own)
+  if fam != "sd15":
+    return f"{'SDXL' if fam == 'sdxl' else 'SD2.x'} ControlNet (not supported: SD1.5 ControlNets only)"
+  if prefix is None:
+    return "SD1.5 ControlNet (diffusers names)"
+  if any(k.startswith(ldm.UNET_PREFIX) for k in rest):
+    return ("SD1.5 ControlNet, v1.0 full file (control_model.* beside a whole SD1.5 model, as "
+            "control_sd15_*.pth; only the ControlNet is read)")
+  return f"SD1.5 ControlNet ({'keys under control_model.' if prefix else 'bare LDM keys, no control_model. prefix'})"
 
 
 def detect_path(path: str) -> str:

@@ -7,8 +7,8 @@ import os
 import numpy as np
 
 from convert_weights import io, ldm
-from convert_weights.detect import (FORMATS, SDXL_MOTION_NAME, detect_keys, known_file,
-                                    motion_module_family, sparse_ctrl_name)
+from convert_weights.detect import (FORMATS, SDXL_MOTION_NAME, controlnet_name, detect_keys,
+                                    known_file, motion_module_family, sparse_ctrl_name)
 from convert_weights.errors import ConversionError, few
 
 
@@ -34,6 +34,13 @@ def _check(path: str, fmt: str) -> tuple[str, list[str]]:
             f"{' + mask' if cfg.concat_conditioning_mask else ''} at {cfg.condition_factor}x the latent "
             f"size, UNet channels {list(unet.block_out_channels)}, motion pe length {cfg.motion.max_len} "
             f"(buffers {'present' if info['extras'] else 'absent'})"), info.get("notes", [])
+  if fmt.startswith("controlnet"):
+    from convert_weights import controlnet_files
+    _, cfg, unet = controlnet_files.load_controlnet(path, info=info)
+    return (f"ControlNet ({info['format']}): condition {cfg.conditioning_channels} channels at "
+            f"{cfg.condition_factor}x the latent size, UNet channels {list(unet.block_out_channels)}, "
+            f"cross-attention {unet.cross_attention_dim}, global pooling {cfg.global_pool_conditions}"), \
+        info.get("notes", [])
   if fmt.startswith("motion_module") or fmt == "unet_with_motion_modules":
     _, cfg, version = motion.load_motion_module(path, info=info)
     return (f"motion module version {version} (pe length {cfg.max_len}, mid block {cfg.mid_block}, "
@@ -81,6 +88,8 @@ def inspect(path: str, check: bool = True) -> str:
     lines.append(f"format: {fmt}: {FORMATS[fmt]}")
     if fmt.startswith("sparse_ctrl"):
       lines.append(f"model: {sparse_ctrl_name(sd)}")
+    if fmt.startswith("controlnet"):
+      lines.append(f"model: {controlnet_name(sd)}")
     if ((fmt.startswith("motion_module") or fmt == "unet_with_motion_modules")
         and motion_module_family(sd) == "sdxl"):
       lines.append(f"model: {SDXL_MOTION_NAME}")

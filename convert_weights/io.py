@@ -81,6 +81,10 @@ def _load_pickle(path: str):
     raise ConversionError(
         f"{path}: refused to load this pickle: it contains objects other than tensors (it may try "
         f"to run code), and only torch.load(weights_only=True) is allowed ({first[:160]})") from None
+  except (RuntimeError, EOFError) as e:  # a truncated or corrupt zip archive / pickle stream
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConversionError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): "
+                          f"{first[:160]}") from None
 
 
 def _flatten_pickle(obj: Any, path: str, info: dict) -> dict[str, np.ndarray]:

@@ -150,3 +150,17 @@ def tiny_animatediff(tok_dir):
   pipe = AnimateDiffPipeline(vae=vae, text_encoder=text, tokenizer=hf_tok, unet=unet,
                              motion_adapter=adapter, scheduler=sched)
   return cfg, params, pipe
+
+
+def tiny_controlnet(seed: int = 0, **kw):
+  """diffusers ControlNetModel of ModelConfig.tiny()'s image UNet (the layers it copies), with a
+  cheap conditioning embedding (8, 16, 16, 16: the published three stride-2 steps, images at 8x
+  the latents), every parameter random (`randomize_(..., seed)`), in eval mode. kw: other
+  ControlNetModel settings (global_pool_conditions, controlnet_conditioning_channel_order...)."""
+  from diffusers import ControlNetModel
+  torch.manual_seed(seed)
+  base = dict(in_channels=4, conditioning_channels=3, block_out_channels=(32, 64),
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), layers_per_block=2,
+              attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8,
+              conditioning_embedding_out_channels=(8, 16, 16, 16))
+  return randomize_(ControlNetModel(**{**base, **kw}), seed).eval()
