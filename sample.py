@@ -7,6 +7,7 @@
   python sample.py --config configs/prompts/example.yaml   # official prompt-config format
   python sample.py --ckpt ... --motion-module v3_sd15_mm.ckpt --sparsectrl v3_sd15_sparsectrl_rgb.ckpt \
       --cond-image first.png:0 --cond-image last.png:-1 --prompt "..."   # SparseCtrl keyframes
+  python sample.py --ckpt ... --init-video input.mp4 --strength 0.6 --prompt "..."  # video-to-video
 
 --ckpt is an Orbax directory made by `python -m convert_weights to-orbax`, or PyTorch files
 (LDM single file / diffusers folder), converted on the fly and cached (a message says where).
@@ -42,7 +43,9 @@ CONFIG_KEYS = {"dreambooth_path", "lora_model_path", "lora_alpha", "inference_co
                # SparseCtrl (official; controlnet_conditioning_scale is read by the official pipeline
                # call but not by its script: ours reads it from the YAML too)
                "controlnet_path", "controlnet_config", "controlnet_images", "controlnet_image_indexs",
-               "controlnet_conditioning_scale", "normalize_condition_images"}
+               "controlnet_conditioning_scale", "normalize_condition_images"} | {
+               # video-to-video (ours, the flags' names)
+               "init_video", "strength"}
 DEFAULT_NEGATIVE = ""
 
 
@@ -123,6 +126,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "aspect and resized, as the official script")
   sp.add_argument("--controlnet-scale", type=float, default=1.0, metavar="S",
                   help="SparseCtrl conditioning scale (default 1.0)")
+  vv = ap.add_argument_group("video-to-video", "restyle an input video (docs/control.md)")
+  vv.add_argument("--init-video", metavar="FILE", help="input video (GIF/MP4) or folder of frames: "
+                  "VAE-encoded, noised to the strength's step; its first --frames frames, resized")
+  vv.add_argument("--strength", type=float, default=0.8, metavar="S",
+                  help="share of the steps that run from the noised input (0..1, default 0.8 as "
+                  "diffusers): higher changes the video more")
   ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
                   help="compute dtype of the text encoder, UNet and VAE (bf16 on GPU/TPU)")
   ap.add_argument("--attention-impl", default=None, choices=["xla", "cudnn"],
@@ -257,7 +266,7 @@ def entry_to_args(entry: dict, base: argparse.Namespace) -> argparse.Namespace:
   a.frames = entry.get("L", base.frames)
   a.scheduler = entry.get("scheduler", base.scheduler)
   a.inference_config = entry.get("inference_config")
-  for key in ("context_length", "context_overlap", "context_stride", "context_schedule",
+  for key in ("init_video", "strength", "context_length", "context_overlap", "context_stride", "context_schedule",
               "closed_loop", "fuse", "prompt_interpolation", "free_init", "free_init_method",
               "free_init_fast", "free_init_ds", "free_init_dt", "free_init_order", "free_noise",
               "free_noise_length", "free_noise_stride"):
@@ -456,6 +465,14 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
     is_b = builtin_lib.is_builtin(args.ckpt)
     keyframes = load_keyframe_images(sparse_req["images"], args.height or (64 if is_b else 512),
                                      args.width or (64 if is_b else 512), sparse_req["normalize"])
+  init_video = None
+  if getattr(args, "init_video", None):   # before the base model, as SparseCtrl's inputs
+    from adiff_jax.video_io import fit_frames, read_frames
+    if not 0.0 <= args.strength <= 1.0:
+      raise InputError(f"--strength must be in [0, 1], got {args.strength}")
+    is_b = builtin_lib.is_builtin(args.ckpt)
+    init_video = fit_frames(read_frames(args.init_video), args.frames, args.height or (64 if is_b else 512),
+                            args.width or (64 if is_b else 512), "--init-video", args.init_video)
   cfg, params, lora, desc = load_model(args)
   builtin = builtin_lib.is_builtin(args.ckpt)
   h = args.height or (64 if builtin else 512)
@@ -475,6 +492,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
                       guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                       clip_skip=args.clip_skip,
                       sparse_ctrl=SparseCtrlSampling(sparse_req["scale"]) if sparse_req else None,
+                      strength=float(getattr(args, "strength", 0.8)),
                       schedule=schedule, **long_video)
   mesh = None
   if len(jax.devices()) > 1:
@@ -497,6 +515,9 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
     print(f"context windows: {c.context_length} frames, overlap {c.overlap}, {c.schedule} schedule"
           f"{' (closed loop)' if c.closed_loop else ''}, {c.fuse} fusion, "
           f"{pipe.context_batch(sc)} window(s) per UNet call")
+  if init_video is not None:
+    print(f"video-to-video: {args.init_video}, strength {sc.strength}: steps {sc.start_step() + 1}.."
+          f"{sc.steps} of {sc.steps} run")
   if sc.free_noise is not None:
     print(f"FreeNoise: windows of {sc.free_noise.context_length} frames, stride "
           f"{sc.free_noise.context_stride}, rescheduled noise")
@@ -508,7 +529,8 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
       print(f"prompt travel ({sc.prompt_interpolation}): {prompt_travel.describe(p)}")
   t0 = time.perf_counter()
   try:
-    frames = to_uint8(pipe(prompts, negative, seeds, sc, control=control))
+    frames = to_uint8(pipe(prompts, negative, seeds, sc, control=control,
+                           init_video=None if init_video is None else init_video[None]))
   except FloatingPointError as e:
     raise InputError(str(e)) from None
   print(f"done in {time.perf_counter() - t0:.1f} s (including compilation)")
@@ -535,6 +557,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
                       controlnet_path=sparse_req["path"], controlnet_images=sparse_req["images"],
                       controlnet_image_indexs=sparse_req["indices"],
                       controlnet_conditioning_scale=sparse_req["scale"])),
+                  **({} if init_video is None else dict(init_video=args.init_video, strength=sc.strength)),
                   noise_scheduler_kwargs={k: v for k, v in dataclasses.asdict(sc.schedule).items()})
   import yaml
   cfg_path = os.path.join(out_dir, "config.yaml")

@@ -26,7 +26,8 @@ from adiff_jax.errors import InputError
 from adiff_jax.free_noise import FreeNoiseConfig, reschedule_noise
 from adiff_jax.model import ModelConfig, PARTS
 from adiff_jax.params import dtype as dtype_of
-from adiff_jax.schedulers import NoiseSchedule, SAMPLERS, make_sampler, sample_init, sample_step
+from adiff_jax.schedulers import (NoiseSchedule, SAMPLERS, make_sampler, noise_to_step, sample_init,
+                                  sample_step, start_at)
 from adiff_jax.sharding import DATA, FRAMES, constrain
 from adiff_jax.tokenizer import CLIPTokenizer
 from adiff_jax.unet import UNet3D
@@ -64,6 +65,13 @@ class SamplingConfig:
   free_noise: Optional[FreeNoiseConfig] = None  # noise rescheduling + motion-module windows
   # SparseCtrl keyframe conditioning (needs Pipeline(..., sparse_ctrl=...) and `control=` at call time)
   sparse_ctrl: Optional[SparseCtrlSampling] = None
+  # Video-to-video (with `init_video=` at call time): the share of the steps that run, from the
+  # input video noised to the first of them (diffusers AnimateDiffVideoToVideoPipeline, default 0.8).
+  strength: float = 0.8
+
+  def start_step(self) -> int:
+    """Index of the first step video-to-video runs: steps - int(steps * strength), as diffusers."""
+    return self.steps - min(int(self.steps * self.strength), self.steps)
 
   @property
   def guided(self) -> bool:
@@ -154,6 +162,8 @@ class Pipeline:
       raise InputError(f"context_batch must be >= 1, got {cfg.context_batch}")
     if cfg.scheduler not in SAMPLERS:
       raise InputError(f"unknown scheduler {cfg.scheduler!r}; choose from {SAMPLERS}")
+    if not 0.0 <= cfg.strength <= 1.0:
+      raise InputError(f"strength must be in [0, 1], got {cfg.strength}")
     if cfg.sparse_ctrl is not None:
       if self.sparse_ctrl is None:
         raise InputError("SamplingConfig.sparse_ctrl is set but the pipeline has no SparseCtrl "
@@ -179,24 +189,41 @@ class Pipeline:
     from adiff_jax.sparse_ctrl import sparse_condition
     if self.sparse_ctrl is None:
       raise InputError("this pipeline has no SparseCtrl")
+    images = self._check_frames(images, cfg, "keyframe images", "K")
+    if self.sparse_ctrl.config.kind == "rgb":
+      images = self.encode_frames(images, cfg, key=key, vae_noise=vae_noise)
+    return sparse_condition(images, indices, cfg.frames)
+
+  def _check_frames(self, images, cfg: SamplingConfig, what: str, n: str = "F"):
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 5 or images.shape[2:] != (cfg.height, cfg.width, 3):
-      raise InputError(f"keyframe images must be (B, K, {cfg.height}, {cfg.width}, 3) in [0, 1] "
+      raise InputError(f"{what} must be (B, {n}, {cfg.height}, {cfg.width}, 3) in [0, 1] "
                        f"(the video's size); got {images.shape}")
-    if self.sparse_ctrl.config.kind == "rgb":
-      x = (2.0 * images - 1.0).astype(self.dtype)
-      if vae_noise is None:
-        images = encode_video(self.vae, {"params": self.params["vae"]}, x,
-                              key=jax.random.key(0) if key is None else key, chunk_size=cfg.vae_chunk)
-      else:
-        from adiff_jax.vae import _encode_frames
-        b, k = images.shape[:2]
-        eps = jnp.asarray(vae_noise, jnp.float32)
-        z = _encode_frames(self.vae, {"params": self.params["vae"]}, x.reshape((b * k,) + x.shape[2:]),
-                           eps.reshape((b * k,) + eps.shape[2:]), cfg.vae_chunk)
-        images = z.reshape((b, k) + z.shape[1:])
-      images = images.astype(jnp.float32)
-    return sparse_condition(images, indices, cfg.frames)
+    return images
+
+  def encode_frames(self, images, cfg: SamplingConfig, key: Optional[jax.Array] = None,
+                    vae_noise=None) -> jax.Array:
+    """Frames (B, K, H, W, 3) in [0, 1] -> scaled VAE latents (B, K, h, w, 4), float32.
+
+    A *sample* of the posterior, as diffusers' `retrieve_latents` and the official SparseCtrl
+    script take: the draw comes from `key` (default key 0) or, exactly, from `vae_noise`
+    (B, K, h, w, 4) standard-normal (to reproduce another implementation's draw)."""
+    x = (2.0 * self._check_frames(images, cfg, "frames", "K") - 1.0).astype(self.dtype)
+    if vae_noise is None:
+      z = encode_video(self.vae, {"params": self.params["vae"]}, x,
+                       key=jax.random.key(0) if key is None else key, chunk_size=cfg.vae_chunk)
+    else:
+      from adiff_jax.vae import _encode_frames
+      b, k = x.shape[:2]
+      eps = jnp.asarray(vae_noise, jnp.float32)
+      f = self.config.latent_factor
+      want = (b, k, cfg.height // f, cfg.width // f, self.config.vae.latent_channels)
+      if eps.shape != want:
+        raise InputError(f"vae_noise must be {want}; got {eps.shape}")
+      z = _encode_frames(self.vae, {"params": self.params["vae"]}, x.reshape((b * k,) + x.shape[2:]),
+                         eps.reshape((b * k,) + eps.shape[2:]), cfg.vae_chunk)
+      z = z.reshape((b, k) + z.shape[1:])
+    return z.astype(jnp.float32)
 
   def _check_control(self, control, batch: int, cfg: SamplingConfig):
     """(condition, mask) -> both as float32 with the sample batch (B = 1 broadcast)."""
@@ -245,21 +272,25 @@ class Pipeline:
     return 1 if self.mesh is None else int(dict(zip(self.mesh.axis_names, self.mesh.devices.shape))["data"])
 
   def denoise(self, noise: jax.Array, cond: jax.Array, uncond: jax.Array, cfg: SamplingConfig,
-              progress: bool = True, key: Optional[jax.Array] = None, control=None) -> jax.Array:
-    """The whole denoising loop, compiled once per (shape, scheduler, steps, windows).
+              progress: bool = True, key: Optional[jax.Array] = None, control=None,
+              start: int = 0) -> jax.Array:
+    """The whole denoising loop, compiled once per (shape, scheduler, steps, windows, start).
+    noise: standard normal (start 0), or latents already noised to step `start` (`noise_to_step`),
+    from which steps start..steps-1 run (video-to-video).
     key: the noise a stochastic sampler injects between steps (DDIM eta > 0, LCM)."""
-    sampler = make_sampler(cfg.scheduler, cfg.schedule, cfg.steps, eta=cfg.eta)
+    sampler = start_at(make_sampler(cfg.scheduler, cfg.schedule, cfg.steps, eta=cfg.eta), start)
     frames = noise.shape[1]
     windowed = cfg.context is not None and frames > cfg.context.context_length
     group = self.context_batch(cfg) if windowed else 1
     loop_key = (cfg.scheduler, cfg.steps, cfg.eta, cfg.schedule, progress, cfg.guided,
                 (cfg.context, frames, group) if windowed else None, cfg.free_noise,
-                control is not None)
+                control is not None, start)
     if loop_key not in self._loops:
       plan = plan_windows(frames, cfg.steps, cfg.context, group) if windowed else None
       self._loops[loop_key] = _make_loop(self.unet_for(cfg.free_noise), sampler, progress,
                                          cfg.guided, plan, group,
-                                         ctrl=self.sparse_ctrl if control is not None else None)
+                                         ctrl=self.sparse_ctrl if control is not None else None,
+                                         start=start)
     loop = self._loops[loop_key]
     args = (self.params["unet"], self.lora, noise, cond, uncond,
             jnp.float32(cfg.guidance_scale), jax.random.key(0) if key is None else key)
@@ -282,11 +313,17 @@ class Pipeline:
                negative_prompts: Optional[Sequence[prompt_travel.Prompt]] = None,
                seeds: Sequence[int] = (0,), cfg: SamplingConfig = SamplingConfig(),
                noise: Optional[jax.Array] = None, progress: bool = True,
-               control: Optional[tuple] = None) -> np.ndarray:
+               control: Optional[tuple] = None, init_video=None,
+               init_latents: Optional[jax.Array] = None) -> np.ndarray:
     """Prompts -> frames (B, F, H, W, 3) float32 in [0, 1]. One sample per (prompt, seed) pair.
 
     A prompt is text or a travelling {frame: text} mapping (negatives too).
-    control: SparseCtrl (condition, mask) from `sparse_condition` (with cfg.sparse_ctrl)."""
+    control: SparseCtrl (condition, mask) from `sparse_condition` (with cfg.sparse_ctrl).
+    init_video: video-to-video: (B, F, H, W, 3) in [0, 1] (B = 1 is shared by all samples),
+      VAE-encoded (a posterior sample from key 0, as `encode_frames`), noised to step
+      `cfg.start_step()` with each seed's noise; the remaining steps run from there.
+      init_latents: the same from already scaled latents (B, F, h, w, 4) instead of a video.
+    """
     self.check(cfg)
     prompts = list(prompts)
     negative = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
@@ -298,31 +335,61 @@ class Pipeline:
     for p in negative:
       prompt_travel.check(p, cfg.frames, "negative prompt")
     control = self._check_control(control, len(prompts), cfg)
+    start, init_latents = self._init_latents(init_video, init_latents, len(prompts), cfg)
     per_frame = cfg.frames if prompt_travel.is_travelling(prompts + negative) else None
     cond = self.encode_prompts(prompts, cfg.clip_skip, per_frame, cfg.prompt_interpolation)
     uncond = self.encode_prompts(negative, cfg.clip_skip, per_frame, cfg.prompt_interpolation)
     if noise is None:
       noise = self.initial_noise(seeds, cfg)
-      if cfg.free_noise is not None:   # each sample's shuffle from its own seed
+      if cfg.free_noise is not None and init_latents is None:   # each sample's shuffle from its own seed
         noise = jnp.concatenate([reschedule_noise(noise[i:i + 1], cfg.free_noise,
                                                   jax.random.fold_in(seed_key(s), _FREE_NOISE_STREAM))
                                  for i, s in enumerate(seeds)])
+    if init_latents is not None:   # video-to-video: the input noised to the first step that runs
+      sampler = make_sampler(cfg.scheduler, cfg.schedule, cfg.steps, eta=cfg.eta)
+      noise = noise_to_step(sampler, init_latents, noise, start)
     fi = cfg.free_init
-    latents, start = None, noise
+    latents, x_start = None, noise
     for it in range(1 if fi is None else fi.iterations):
       if it:   # FreeInit: low frequencies of the last result (re-noised), high ones fresh
-        start = free_init_lib.reinit(latents, noise, self.initial_noise(seeds, cfg, stream=it),
+        x_start = free_init_lib.reinit(latents, noise, self.initial_noise(seeds, cfg, stream=it),
                                      cfg.schedule, fi)
       steps = cfg.steps if fi is None else free_init_lib.iteration_steps(cfg.steps, it, fi)
-      latents = self.denoise(start, cond, uncond, dataclasses.replace(cfg, steps=steps), progress,
+      latents = self.denoise(x_start, cond, uncond, dataclasses.replace(cfg, steps=steps), progress,
                              key=jax.random.fold_in(seed_key(seeds[0]), _STEP_NOISE_STREAM + it),
-                             control=control)
+                             control=control, start=start)
     if not bool(jnp.isfinite(latents).all()):
       raise FloatingPointError(
           "the denoising loop produced NaN/inf latents (a black video otherwise). Try --dtype f32, "
           "check that the checkpoint converted cleanly (python -m convert_weights inspect ...), "
           "or lower the guidance scale / LoRA alphas.")
     return np.asarray(self.decode(latents, cfg))
+
+  def _init_latents(self, init_video, init_latents, batch: int, cfg: SamplingConfig):
+    """Video-to-video inputs -> (start step, scaled latents (B, F, h, w, C) or None)."""
+    if init_video is not None and init_latents is not None:
+      raise InputError("give init_video or init_latents, not both")
+    if init_video is None and init_latents is None:
+      return 0, None
+    if cfg.free_init is not None:
+      raise InputError("FreeInit re-noises its own results: it cannot start from an input video")
+    start = cfg.start_step()
+    if start >= cfg.steps:
+      raise InputError(f"strength {cfg.strength} with {cfg.steps} steps leaves no step to run "
+                       f"(int(steps * strength) = 0): raise the strength or the steps")
+    if init_video is not None:
+      v = self._check_frames(init_video, cfg, "init_video")
+      if v.shape[1] != cfg.frames or v.shape[0] not in (1, batch):
+        raise InputError(f"init_video has {v.shape[1]} frames and batch {v.shape[0]}; this call "
+                         f"samples {cfg.frames} frames for {batch} prompt(s) (batch 1 or {batch})")
+      init_latents = self.encode_frames(v, cfg)
+    f = self.config.latent_factor
+    want = (cfg.frames, cfg.height // f, cfg.width // f, self.config.unet.in_channels)
+    z = jnp.asarray(init_latents, jnp.float32)
+    if z.ndim != 5 or z.shape[1:] != want or z.shape[0] not in (1, batch):
+      raise InputError(f"init_latents must be (B, {', '.join(map(str, want))}) with B = 1 or {batch}; "
+                       f"got {z.shape}")
+    return start, jnp.broadcast_to(z, (batch,) + want)
 
 
 # fold_in tags of further draws from a user seed (FreeInit's fresh noise uses 1, 2, ...).
@@ -349,7 +416,7 @@ def _pack_frames(a: jax.Array) -> jax.Array:
 
 
 def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
-               plan: Optional[WindowPlan] = None, group: int = 1, ctrl=None):
+               plan: Optional[WindowPlan] = None, group: int = 1, ctrl=None, start: int = 0):
   """(unet_params, lora, noise, cond, uncond, guidance, key[, ctrl_args]) -> latents.
 
   Without progress: the whole loop is one jitted `lax.scan`. With progress: one jitted step
@@ -360,7 +427,15 @@ def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
   ctrl: a SparseControlNet; then ctrl_args = (its params, condition packed (B, F, H, W*C), mask
   (B, F, 1, 1), scale). It runs on the UNet's CFG batch and timestep (text: uncond ++ cond, as
   the official pipeline); condition and mask are per-frame leaves, so windows slice them.
+  start: the first step that runs; from 0, `noise` is standard normal (times init_noise_sigma),
+  else it is already the input of step `start` (video-to-video).
   """
+  def begin(noise, key):
+    key = key if sampler.stochastic else None
+    if start == 0:
+      return sample_init(sampler, noise, key=key)
+    return noise, sampler.init_state(noise.shape, key=key)
+
   def guided_eps(params, lora, cond, uncond, guidance, i, ctrl_args=None):
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
 
@@ -399,21 +474,20 @@ def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
       x, state = carry
       return sample_step(sampler, guided_eps(params, lora, cond, uncond, guidance, i, ctrl_args),
                          x, state, i), None
-    carry = sample_init(sampler, noise, key=key if sampler.stochastic else None)
-    (x, _), _ = jax.lax.scan(body, carry, jnp.arange(sampler.num_steps))
+    (x, _), _ = jax.lax.scan(body, begin(noise, key), jnp.arange(start, sampler.num_steps))
     return x
 
   if not progress:
     return jax.jit(whole)
 
-  init = jax.jit(lambda noise, key: sample_init(sampler, noise, key=key if sampler.stochastic else None))
+  init = jax.jit(begin)
   step = jax.jit(lambda params, lora, x, state, cond, uncond, guidance, i, ctrl_args=None: sample_step(
       sampler, guided_eps(params, lora, cond, uncond, guidance, i, ctrl_args), x, state, i))
 
   def stepwise(params, lora, noise, cond, uncond, guidance, key, ctrl_args=None):
     from tqdm.auto import tqdm
     x, state = init(noise, key)
-    for i in tqdm(range(sampler.num_steps), desc="denoising", unit="step", leave=False):
+    for i in tqdm(range(start, sampler.num_steps), desc="denoising", unit="step", leave=False):
       x, state = step(params, lora, x, state, cond, uncond, guidance, jnp.int32(i), ctrl_args)
     return x
 

@@ -492,6 +492,30 @@ def make_sampler(name: str, schedule: NoiseSchedule, num_steps: int, *, eta: flo
                  init_noise_sigma=sigma0, tables=tables, eta=float(eta))
 
 
+def noise_to_step(sampler: Sampler, x0, noise, start: int):
+  """Clean latents x0 noised to the input of step `start` (video-to-video, img2img): what
+  diffusers' `scheduler.add_noise(x0, noise, timesteps[start])` gives for this sampler. Euler
+  (variance exploding): x0 + sigma * noise; the others: the DDPM forward process at that step's
+  timestep. Unlike `sample_init`, no init_noise_sigma factor (diffusers adds none either)."""
+  if not 0 <= start < sampler.num_steps:
+    raise InputError(f"start step {start} outside [0, {sampler.num_steps})")
+  if sampler.name == "euler":
+    sigma = float(sampler.tables["sigmas"][start])
+    return (x0.astype(jnp.float32) + sigma * noise.astype(jnp.float32)).astype(x0.dtype)
+  return add_noise(sampler.schedule, x0, noise, int(sampler.timesteps[start]))
+
+
+def start_at(sampler: Sampler, start: int) -> Sampler:
+  """The sampler as it runs when its first executed step is `start` (video-to-video). Only
+  DPM++ 2M changes: it has no previous prediction there, so that step is first order, as in
+  diffusers (model_outputs is empty at the first step it takes)."""
+  if start == 0 or sampler.name != "dpmpp_2m":
+    return sampler
+  c1 = np.array(sampler.tables["c1"])
+  c1[start] = 0.0
+  return dataclasses.replace(sampler, tables={**sampler.tables, "c1": c1})
+
+
 def sample_init(sampler: Sampler, noise, *, key: Optional[jax.Array] = None):
   """(x, state) before the first step: `noise` (standard normal) times `init_noise_sigma`."""
   x = (noise.astype(jnp.float32) * sampler.init_noise_sigma).astype(noise.dtype)

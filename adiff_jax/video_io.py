@@ -54,3 +54,56 @@ def read_video(path: str) -> np.ndarray:
   import imageio.v3 as iio
   frames = iio.imread(path, index=None)
   return np.asarray(frames)[..., :3]
+
+
+_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_frames(path: str) -> np.ndarray:
+  """A video file (GIF/MP4/...) or a folder of images (sorted by name) -> (F, H, W, 3) uint8.
+  Unreadable input raises InputError naming the path."""
+  import os
+  from adiff_jax.errors import InputError
+  if os.path.isdir(path):
+    from PIL import Image
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(_IMAGE_EXTS))
+    if not names:
+      raise InputError(f"{path}: no images ({', '.join(_IMAGE_EXTS)}) in this folder")
+    try:
+      frames = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
+    except (OSError, ValueError) as e:
+      raise InputError(f"{path}: cannot read an image: {e}") from None
+    if len({f.shape for f in frames}) > 1:
+      raise InputError(f"{path}: the images differ in size ({sorted({f.shape[:2] for f in frames})})")
+    return np.stack(frames)
+  if not os.path.isfile(path):
+    raise InputError(f"video not found: {path}")
+  try:
+    frames = read_video(path)
+  except Exception as e:   # imageio raises many types for corrupt or unknown files
+    raise InputError(f"cannot read video {path}: {e}") from None
+  if frames.ndim == 3:     # a still image: one frame
+    frames = frames[None]
+  if frames.ndim != 4 or frames.shape[-1] != 3:
+    raise InputError(f"{path}: expected RGB frames, got an array of shape {frames.shape}")
+  return frames
+
+
+def fit_frames(frames: np.ndarray, count: int, height: int, width: int, what: str, path: str):
+  """(F, H, W, 3) uint8 -> (count, height, width, 3) float32 in [0, 1]: the first `count` frames
+  (an error if there are fewer), resized (bilinear, no crop: diffusers' video processor) with a
+  note when the size differs."""
+  from adiff_jax.errors import InputError
+  if len(frames) < count:
+    raise InputError(f"{what} {path} has {len(frames)} frames, the clip needs {count}: "
+                     f"lower --frames or give a longer {what}")
+  if len(frames) > count:
+    print(f"note: {what} {path} has {len(frames)} frames: using the first {count}")
+  frames = frames[:count]
+  h0, w0 = frames.shape[1:3]
+  if (h0, w0) != (height, width):
+    from PIL import Image
+    print(f"note: {what} {path} is {w0}x{h0}: resized to {width}x{height}")
+    frames = np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR))
+                       for f in frames])
+  return frames.astype(np.float32) / 255.0
