@@ -131,6 +131,8 @@ def tree_from_state_dict(sd: dict, where: str = "state dict", diffusers_cfg: Opt
   if "difference" in sd:
     raise ConversionError(f"{where}: a 'difference' ControlNet (weights stored relative to an SD1.5 "
                           "base model): not supported, use the full ControlNet file")
+  if "lora_controlnet" in sd:
+    raise ConversionError(f"{where}: a Control-LoRA (Stability AI, for SDXL): not supported")
   prefix = keys.ldm_prefix(sd)
   if prefix is not None:
     info.update(format="ldm", prefix=prefix)

@@ -286,6 +286,8 @@ def test_refused_files_name_what_they_are(tmp_path):
   with pytest.raises(InputError, match="SDXL"):
     load_controlnet(xl_ldm)
   assert "SDXL ControlNet (not supported" in inspect(xl_ldm)
+  with pytest.raises(InputError, match="Control-LoRA"):
+    load_controlnet(write("control-lora.safetensors", {**controlnet_state_dict(tree, "ldm"), "lora_controlnet": z(1)}))
   folder = tmp_path / "xl_folder"
   folder.mkdir()
   io.save_torch_file(dsd, str(folder / "diffusion_pytorch_model.safetensors"))
