@@ -21,6 +21,7 @@ import numpy as np
 from adiff_jax import free_init as free_init_lib
 from adiff_jax import prompt_travel
 from adiff_jax.clip_text import CLIPTextModel
+from adiff_jax.control import ControlNetSampling, ControlUnit, pack_frames, residuals
 from adiff_jax.context import ContextConfig, WindowPlan, fused_eps, plan_windows
 from adiff_jax.errors import InputError
 from adiff_jax.free_noise import FreeNoiseConfig, reschedule_noise
@@ -28,7 +29,6 @@ from adiff_jax.model import ModelConfig, PARTS
 from adiff_jax.params import dtype as dtype_of
 from adiff_jax.schedulers import (NoiseSchedule, SAMPLERS, make_sampler, noise_to_step, sample_init,
                                   sample_step, start_at)
-from adiff_jax.sharding import DATA, FRAMES, constrain
 from adiff_jax.tokenizer import CLIPTokenizer
 from adiff_jax.unet import UNet3D
 from adiff_jax.vae import AutoencoderKL, decode_video, encode_video
@@ -65,6 +65,9 @@ class SamplingConfig:
   free_noise: Optional[FreeNoiseConfig] = None  # noise rescheduling + motion-module windows
   # SparseCtrl keyframe conditioning (needs Pipeline(..., sparse_ctrl=...) and `control=` at call time)
   sparse_ctrl: Optional[SparseCtrlSampling] = None
+  # Dense ControlNets, one entry per Pipeline(..., controlnets=) model (empty: defaults for each);
+  # their frames are `controlnet_frames=` at call time.
+  controlnets: tuple[ControlNetSampling, ...] = ()
   # Video-to-video (with `init_video=` at call time): the share of the steps that run, from the
   # input video noised to the first of them (diffusers AnimateDiffVideoToVideoPipeline, default 0.8).
   strength: float = 0.8
@@ -87,11 +90,14 @@ class Pipeline:
   lora: optional "lora" collection for the UNet (MotionLoRAs / domain adapter, combined).
   mesh: optional (data, frames) mesh; the CFG batch is sharded over `data`, frames over `frames`.
   sparse_ctrl: optional (SparseCtrlConfig, params) of a SparseCtrl for this UNet (docs/control.md).
+  controlnets: dense ControlNets, each (ControlNetConfig, its UNetConfig, params) as
+    `convert_weights.controlnet_files.load_controlnet` gives them (tree, config, unet) reordered.
   """
 
   def __init__(self, config: ModelConfig, params: Pytree, *, tokenizer: Optional[CLIPTokenizer] = None,
                lora: Optional[Pytree] = None, dtype: str = "f32", mesh=None,
-               attention_impl: Optional[str] = None, sparse_ctrl: Optional[tuple] = None):
+               attention_impl: Optional[str] = None, sparse_ctrl: Optional[tuple] = None,
+               controlnets: Sequence[tuple] = ()):
     missing = [p for p in PARTS if p not in params]
     if missing:
       raise InputError(f"pipeline parameters lack {missing} (have {sorted(params)})")
@@ -111,6 +117,21 @@ class Pipeline:
     self.sparse_ctrl = self.sparse_ctrl_params = None
     if sparse_ctrl is not None:
       self._set_sparse_ctrl(*sparse_ctrl)
+    self.controlnets, self.controlnet_params = [], []
+    for k, (cn_config, cn_unet, cn_params) in enumerate(controlnets):
+      self._add_controlnet(k, cn_config, cn_unet, cn_params)
+
+  def _add_controlnet(self, k: int, cn_config, cn_unet, cn_params) -> None:
+    from adiff_jax.controlnet import ControlNet, check_compatible, check_params
+    what = f"ControlNet {k}"
+    check_compatible(cn_unet, self.config.unet, what)
+    if cn_config.condition_factor != self.config.latent_factor:
+      raise InputError(f"{what} takes images at {cn_config.condition_factor}x the latent size, but "
+                       f"the VAE's factor is {self.config.latent_factor}")
+    check_params(cn_config, cn_unet, cn_params, what)
+    self.controlnets.append(ControlNet(cn_config, cn_unet, dtype=self.dtype,
+                                       attention_impl=self.attention_impl))
+    self.controlnet_params.append(jax.tree.map(lambda a: jnp.asarray(a, self.dtype), cn_params))
 
   def _set_sparse_ctrl(self, ctrl_config, ctrl_params) -> None:
     from adiff_jax.sparse_ctrl import SparseControlNet, param_shapes
@@ -173,6 +194,9 @@ class Pipeline:
       if min(seen, cfg.frames) > n:
         raise InputError(f"SparseCtrl sees at most {n} frames at once (its positional encoding); "
                          f"got {min(seen, cfg.frames)}: use context windows of <= {n} frames")
+    if cfg.controlnets and len(cfg.controlnets) != len(self.controlnets):
+      raise InputError(f"SamplingConfig.controlnets has {len(cfg.controlnets)} entries for "
+                       f"{len(self.controlnets)} ControlNet(s) in the pipeline")
 
   # -- SparseCtrl -----------------------------------------------------------------------------
   def sparse_condition(self, images, indices: Sequence[int], cfg: SamplingConfig,
@@ -225,6 +249,29 @@ class Pipeline:
       z = z.reshape((b, k) + z.shape[1:])
     return z.astype(jnp.float32)
 
+  def _controls(self, control, controlnet_frames, batch: int, cfg: SamplingConfig):
+    """Call-time control inputs -> (units, per-unit args, per-unit per-frame leaves), or None."""
+    units, args, leaves = [], [], []
+    sparse = self._check_control(control, batch, cfg)
+    if sparse is not None:
+      units.append(ControlUnit(self.sparse_ctrl, "sparse"))
+      args.append((self.sparse_ctrl_params, jnp.float32(cfg.sparse_ctrl.conditioning_scale)))
+      leaves.append((pack_frames(sparse[0]), sparse[1].reshape(sparse[1].shape + (1, 1))))
+    frames = list(controlnet_frames or [])
+    if len(frames) != len(self.controlnets):
+      raise InputError(f"the pipeline has {len(self.controlnets)} ControlNet(s): give one control "
+                       f"video each in controlnet_frames (got {len(frames)})")
+    settings = cfg.controlnets or (ControlNetSampling(),) * len(frames)
+    for k, (net, params, v, st) in enumerate(zip(self.controlnets, self.controlnet_params, frames, settings)):
+      v = self._check_frames(v, cfg, f"ControlNet {k}'s control frames")
+      if v.shape[1] != cfg.frames or v.shape[0] not in (1, batch):
+        raise InputError(f"ControlNet {k}'s control video has {v.shape[1]} frames and batch "
+                         f"{v.shape[0]}; this call samples {cfg.frames} frames for {batch} prompt(s)")
+      units.append(ControlUnit(net, "controlnet", st.guess_mode))
+      args.append((params, jnp.float32(st.conditioning_scale), jnp.float32(st.start), jnp.float32(st.end)))
+      leaves.append((pack_frames(jnp.broadcast_to(v, (batch,) + v.shape[1:])),))
+    return (tuple(units), tuple(args), tuple(leaves)) if units else None
+
   def _check_control(self, control, batch: int, cfg: SamplingConfig):
     """(condition, mask) -> both as float32 with the sample batch (B = 1 broadcast)."""
     if (control is None) != (cfg.sparse_ctrl is None):
@@ -272,32 +319,31 @@ class Pipeline:
     return 1 if self.mesh is None else int(dict(zip(self.mesh.axis_names, self.mesh.devices.shape))["data"])
 
   def denoise(self, noise: jax.Array, cond: jax.Array, uncond: jax.Array, cfg: SamplingConfig,
-              progress: bool = True, key: Optional[jax.Array] = None, control=None,
+              progress: bool = True, key: Optional[jax.Array] = None, controls=None,
               start: int = 0) -> jax.Array:
     """The whole denoising loop, compiled once per (shape, scheduler, steps, windows, start).
     noise: standard normal (start 0), or latents already noised to step `start` (`noise_to_step`),
     from which steps start..steps-1 run (video-to-video).
-    key: the noise a stochastic sampler injects between steps (DDIM eta > 0, LCM)."""
+    key: the noise a stochastic sampler injects between steps (DDIM eta > 0, LCM).
+    controls: (units, args, leaves) of SparseCtrl / ControlNets (`_controls`), or None."""
     sampler = start_at(make_sampler(cfg.scheduler, cfg.schedule, cfg.steps, eta=cfg.eta), start)
     frames = noise.shape[1]
     windowed = cfg.context is not None and frames > cfg.context.context_length
     group = self.context_batch(cfg) if windowed else 1
     loop_key = (cfg.scheduler, cfg.steps, cfg.eta, cfg.schedule, progress, cfg.guided,
                 (cfg.context, frames, group) if windowed else None, cfg.free_noise,
-                control is not None, start)
+                None if controls is None else tuple((u.module, u.kind, u.guess_mode) for u in controls[0]),
+                start)
     if loop_key not in self._loops:
       plan = plan_windows(frames, cfg.steps, cfg.context, group) if windowed else None
       self._loops[loop_key] = _make_loop(self.unet_for(cfg.free_noise), sampler, progress,
                                          cfg.guided, plan, group,
-                                         ctrl=self.sparse_ctrl if control is not None else None,
-                                         start=start)
+                                         units=() if controls is None else controls[0], start=start)
     loop = self._loops[loop_key]
     args = (self.params["unet"], self.lora, noise, cond, uncond,
             jnp.float32(cfg.guidance_scale), jax.random.key(0) if key is None else key)
-    if control is not None:   # SparseCtrl: params, packed per-frame condition and mask, scale
-      c, m = control
-      args += ((self.sparse_ctrl_params, _pack_frames(c), m.reshape(m.shape + (1, 1)),
-                jnp.float32(cfg.sparse_ctrl.conditioning_scale)),)
+    if controls is not None:
+      args += (controls[1:],)
     if self.mesh is None:
       return loop(*args)
     with jax.set_mesh(self.mesh):
@@ -314,11 +360,13 @@ class Pipeline:
                seeds: Sequence[int] = (0,), cfg: SamplingConfig = SamplingConfig(),
                noise: Optional[jax.Array] = None, progress: bool = True,
                control: Optional[tuple] = None, init_video=None,
-               init_latents: Optional[jax.Array] = None) -> np.ndarray:
+               init_latents: Optional[jax.Array] = None, controlnet_frames=None) -> np.ndarray:
     """Prompts -> frames (B, F, H, W, 3) float32 in [0, 1]. One sample per (prompt, seed) pair.
 
     A prompt is text or a travelling {frame: text} mapping (negatives too).
     control: SparseCtrl (condition, mask) from `sparse_condition` (with cfg.sparse_ctrl).
+    controlnet_frames: one control video (B, F, H, W, 3) in [0, 1] per ControlNet of the
+      pipeline (B = 1 is shared), settings in cfg.controlnets.
     init_video: video-to-video: (B, F, H, W, 3) in [0, 1] (B = 1 is shared by all samples),
       VAE-encoded (a posterior sample from key 0, as `encode_frames`), noised to step
       `cfg.start_step()` with each seed's noise; the remaining steps run from there.
@@ -334,7 +382,7 @@ class Pipeline:
       prompt_travel.check(p, cfg.frames)
     for p in negative:
       prompt_travel.check(p, cfg.frames, "negative prompt")
-    control = self._check_control(control, len(prompts), cfg)
+    controls = self._controls(control, controlnet_frames, len(prompts), cfg)
     start, init_latents = self._init_latents(init_video, init_latents, len(prompts), cfg)
     per_frame = cfg.frames if prompt_travel.is_travelling(prompts + negative) else None
     cond = self.encode_prompts(prompts, cfg.clip_skip, per_frame, cfg.prompt_interpolation)
@@ -357,7 +405,7 @@ class Pipeline:
       steps = cfg.steps if fi is None else free_init_lib.iteration_steps(cfg.steps, it, fi)
       latents = self.denoise(x_start, cond, uncond, dataclasses.replace(cfg, steps=steps), progress,
                              key=jax.random.fold_in(seed_key(seeds[0]), _STEP_NOISE_STREAM + it),
-                             control=control, start=start)
+                             controls=controls, start=start)
     if not bool(jnp.isfinite(latents).all()):
       raise FloatingPointError(
           "the denoising loop produced NaN/inf latents (a black video otherwise). Try --dtype f32, "
@@ -410,13 +458,8 @@ def _encode_text(model, params, ids, clip_skip):
   return model.apply({"params": params}, ids, clip_skip=clip_skip)
 
 
-def _pack_frames(a: jax.Array) -> jax.Array:
-  """(B, F, H, W, C) -> (B, F, H, W*C): a per-frame leaf that context windows slice like text."""
-  return a.reshape(a.shape[:3] + (-1,))
-
-
 def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
-               plan: Optional[WindowPlan] = None, group: int = 1, ctrl=None, start: int = 0):
+               plan: Optional[WindowPlan] = None, group: int = 1, units: tuple = (), start: int = 0):
   """(unet_params, lora, noise, cond, uncond, guidance, key[, ctrl_args]) -> latents.
 
   Without progress: the whole loop is one jitted `lax.scan`. With progress: one jitted step
@@ -424,9 +467,10 @@ def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
   from inside a compiled program, so every program stays in the persistent compilation cache.
   guided=False: the conditional prediction alone (guidance <= 1), no unconditional half.
   plan: context windows (the step index picks that step's windows), `group` per UNet call.
-  ctrl: a SparseControlNet; then ctrl_args = (its params, condition packed (B, F, H, W*C), mask
-  (B, F, 1, 1), scale). It runs on the UNet's CFG batch and timestep (text: uncond ++ cond, as
-  the official pipeline); condition and mask are per-frame leaves, so windows slice them.
+  units: SparseCtrl / ControlNet units (adiff_jax/control.py); then ctrl_args = (per-unit args,
+  per-unit per-frame leaves). They run on the UNet's CFG batch and timestep (text: uncond ++
+  cond, as the official pipeline); the per-frame leaves ride in the text context, so windows
+  slice them.
   start: the first step that runs; from 0, `noise` is standard normal (times init_noise_sigma),
   else it is already the input of step `start` (video-to-video).
   """
@@ -439,20 +483,13 @@ def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
   def guided_eps(params, lora, cond, uncond, guidance, i, ctrl_args=None):
     variables = {"params": params} if lora is None else {"params": params, "lora": lora}
 
-    def model(x, ctx, t):  # x (B', F', h, w, C); ctx (uncond, cond), each (B', 77, D) or (B', F', 77, D)
+    def model(x, ctx, t):  # x (B', F', h, w, C); ctx (uncond, cond[, control leaves]), text (B', 77, D) or (B', F', 77, D)
       u, c = ctx[:2]
       if guided:           # CFG in one batch: (2B', ...)
         x, c = jnp.concatenate([x, x]), jnp.concatenate([u, c])
       tt = jnp.broadcast_to(t, (x.shape[0],))
-      res = {}
-      if ctrl is not None:  # SparseCtrl residuals on the same batch
-        cc, cm = ctx[2:]
-        if guided:
-          cc, cm = jnp.concatenate([cc, cc]), jnp.concatenate([cm, cm])
-        cc = constrain(cc.reshape(cc.shape[:3] + (-1, ctrl.config.conditioning_channels)), (DATA, FRAMES))
-        down, mid = ctrl.apply({"params": ctrl_args[0]}, x.astype(ctrl.dtype), tt,
-                               c.astype(ctrl.dtype), cc, cm[..., 0, 0], conditioning_scale=ctrl_args[3])
-        res = dict(down_residuals=down, mid_residual=mid)
+      res = residuals(units, ctrl_args[0], ctx[2], x, c, tt, i - start, sampler.num_steps - start,
+                      guided) if units else {}
       out = unet.apply(variables, x.astype(unet.dtype), tt,
                        c.astype(unet.dtype), **res).astype(jnp.float32)
       if not guided:
@@ -460,7 +497,7 @@ def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
       e_uncond, e_cond = jnp.split(out, 2)
       return e_uncond + guidance * (e_cond - e_uncond)
 
-    ctx = (uncond, cond) if ctrl is None else (uncond, cond, ctrl_args[1], ctrl_args[2])
+    ctx = (uncond, cond) if not units else (uncond, cond, ctrl_args[1])
 
     def eps_fn(x, t):
       if plan is None:

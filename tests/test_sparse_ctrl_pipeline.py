@@ -136,26 +136,33 @@ from adiff_jax.params import random_like
 from adiff_jax.sampling import Pipeline, SamplingConfig, SparseCtrlSampling
 from adiff_jax.sharding import make_mesh
 from adiff_jax.sparse_ctrl import SparseCtrlConfig, param_shapes
+from adiff_jax import controlnet as cn
 cfg = ModelConfig.tiny()
 params = random_params(cfg, seed=0)
 ctrl_cfg = SparseCtrlConfig.scribble(conditioning_embedding_channels=(8, 16, 16))
 ctrl = (ctrl_cfg, random_like(param_shapes(ctrl_cfg, cfg.unet), 3))   # no zero convs: it acts
 sc = SamplingConfig(frames=8, height=32, width=32, steps=2, sparse_ctrl=SparseCtrlSampling(0.9))
 imgs = np.random.default_rng(0).uniform(0, 1, (1, 2, 32, 32, 3)).astype(np.float32)
+# A dense ControlNet beside the SparseCtrl (residuals summed): its frames are sharded too.
+cn_cfg = cn.ControlNetConfig(conditioning_embedding_channels=(8, 16, 16))
+nets = [(cn_cfg, cfg.unet, random_like(cn.param_shapes(cn_cfg, cfg.unet), 4))]
+video = [np.random.default_rng(1).uniform(0, 1, (1, 8, 32, 32, 3)).astype(np.float32)]
 # With windows only (the conditions are sliced per window and the windows sharded): the plain
 # sharded path is the same code with one window, and CI time is short.
 for c in (dataclasses.replace(sc, context=ContextConfig(context_length=4, overlap=2)),):
-  one = Pipeline(cfg, params, sparse_ctrl=ctrl)
-  a = one(["a red circle"], [""], [1], c, progress=False, control=one.sparse_condition(imgs, [0, 5], c))
-  eight = Pipeline(cfg, params, sparse_ctrl=ctrl, mesh=make_mesh(frames=4))   # data=2 x frames=4
-  b = eight(["a red circle"], [""], [1], c, progress=False, control=eight.sparse_condition(imgs, [0, 5], c))
+  one = Pipeline(cfg, params, sparse_ctrl=ctrl, controlnets=nets)
+  a = one(["a red circle"], [""], [1], c, progress=False, control=one.sparse_condition(imgs, [0, 5], c),
+          controlnet_frames=video)
+  eight = Pipeline(cfg, params, sparse_ctrl=ctrl, controlnets=nets, mesh=make_mesh(frames=4))   # data=2 x frames=4
+  b = eight(["a red circle"], [""], [1], c, progress=False, control=eight.sparse_condition(imgs, [0, 5], c),
+            controlnet_frames=video)
   err = float(np.abs(a - b).max())
-  print("sharded SparseCtrl pipeline max abs err", err, "windows" if c.context else "")
+  print("sharded SparseCtrl + ControlNet pipeline max abs err", err, "windows" if c.context else "")
   assert err < 1e-5, err
 """
 
 
-def test_sharded_sparse_ctrl_pipeline_8_devices_equals_single_device():
+def test_sharded_control_pipeline_8_devices_equals_single_device():
   import os, subprocess, sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
