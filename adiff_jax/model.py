@@ -66,7 +66,8 @@ class ModelConfig:
   def tiny_sdxl(cls) -> "ModelConfig":
     """Test-sized SDXL: 3-level UNet (32/64/64, no transformers at level 0, text_time added
     embedding: pooled 16 + 6 x 8), two 16-wide text encoders (context 32; the second with exact
-    GELU and a 16-wide projection), SDXL motion module, 2-level VAE with SDXL's scaling."""
+    GELU and a 16-wide projection), SDXL motion module, the tiny model's 3-level VAE with SDXL's
+    scaling."""
     unet = UNetConfig.sdxl(block_out_channels=(32, 64, 64), attention_heads=(2, 4, 4),
                            transformer_depth=(1, 1, 2), cross_attention_dim=32, norm_num_groups=8,
                            addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
@@ -74,7 +75,7 @@ class ModelConfig:
     text_2 = CLIPTextConfig(hidden_size=16, intermediate_size=37, num_layers=3, num_heads=2,
                             hidden_act="gelu", projection_dim=16)
     return cls(unet, MotionModuleConfig.sdxl(num_heads=2, norm_groups=8), text,
-               VAEConfig.sdxl(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8),
+               VAEConfig.tiny(block_out_channels=(32, 64, 64), scaling_factor=VAEConfig.sdxl().scaling_factor),
                text_2)
 
   @classmethod

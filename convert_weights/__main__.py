@@ -13,6 +13,9 @@ EPILOG = """examples:
   python -m convert_weights to-orbax --motion-module mm_sd_v15_v2.ckpt --out models/mm_v2
   python -m convert_weights to-torch models/mm_v2 --what motion_module --format diffusers --out mm_v2_diffusers
   python -m convert_weights to-torch models/rv_v3 --what ldm --out rv.safetensors
+  python -m convert_weights to-orbax --base sd_xl_base_1.0.safetensors --motion-module mm_sdxl_v10_beta.ckpt \
+      --dtype fp16 --out models/sdxl
+  python -m convert_weights to-torch models/sdxl --what diffusers --out sdxl_diffusers
 """
 
 
@@ -30,7 +33,7 @@ def _path_value(spec: str, default: float) -> tuple[str, float]:
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m convert_weights", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              description="Convert SD1.5 / AnimateDiff PyTorch checkpoints to Orbax model "
+                              description="Convert SD1.5 / SDXL / AnimateDiff PyTorch checkpoints to Orbax model "
                                           "directories and back (see docs/converters.md).")
   sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -40,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
   o = sub.add_parser("to-orbax", help="convert PyTorch checkpoints into one Orbax model directory",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-  o.add_argument("--base", help="SD1.5 base model: LDM single file (.safetensors/.ckpt) or diffusers folder")
+  o.add_argument("--base", help="SD1.5 or SDXL base model: LDM single file (.safetensors/.ckpt) or diffusers folder")
   o.add_argument("--motion-module", help="motion module: original file, diffusers MotionAdapter folder/file, "
                                          "or a train.py UNet checkpoint")
   o.add_argument("--motion-lora", action="append", default=[], metavar="PATH[:ALPHA]",
@@ -60,12 +63,15 @@ def _parser() -> argparse.ArgumentParser:
   o.add_argument("--unet-heads", type=int, help="spatial attention heads of the UNet (default 8, SD1.5)")
   o.add_argument("--norm-groups", type=int, help="GroupNorm groups of UNet and VAE (default 32)")
   o.add_argument("--text-heads", type=int, help="CLIP attention heads (default hidden/64)")
+  o.add_argument("--text2-heads", type=int, help="SDXL second text encoder's attention heads (default hidden/64)")
   o.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
   o.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
   t = sub.add_parser("to-torch", help="export part of an Orbax model directory to PyTorch formats")
   t.add_argument("model_dir", metavar="ORBAX_DIR")
-  t.add_argument("--what", required=True, choices=["motion_module", "motion_lora", "domain_adapter", "ldm"])
+  t.add_argument("--what", required=True, choices=["motion_module", "motion_lora", "domain_adapter", "ldm", "diffusers"],
+                 help="ldm: the base model as one single file (SD1.5 or SDXL layout); diffusers: the base "
+                      "model as a diffusers folder")
   t.add_argument("--format", default="original", choices=["original", "diffusers"],
                  help="original: .ckpt/.safetensors by --out extension; diffusers: a MotionAdapter folder "
                       "(motion_module only)")
@@ -83,6 +89,8 @@ def _overrides(a) -> dict:
     ov.setdefault("vae", {})["norm_num_groups"] = a.norm_groups
   if a.text_heads:
     ov.setdefault("text_encoder", {})["num_heads"] = a.text_heads
+  if a.text2_heads:
+    ov.setdefault("text_encoder_2", {})["num_heads"] = a.text2_heads
   if a.mm_heads:
     ov.setdefault("motion_module", {})["num_heads"] = a.mm_heads
   if a.mm_norm_groups:

@@ -46,9 +46,10 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
              loras: Sequence[tuple[str, float]] = (), dtype: str = "keep", kohya_scaling: bool = False,
              mm_version: Optional[str] = None, overrides: Optional[dict] = None,
              overwrite: bool = False, progress: Optional[bool] = None, log=print) -> dict:
-  """Convert any subset of (base model, motion module, MotionLoRAs, domain adapter, kohya LoRAs)
-  into one Orbax model dir. overrides: {"unet"|"vae"|"text_encoder"|"motion_module": {field: value}}
-  for config fields the weights cannot tell (heads, GroupNorm groups). Returns the metadata."""
+  """Convert any subset of (base model (SD1.5 or SDXL), motion module, MotionLoRAs, domain adapter,
+  kohya LoRAs) into one Orbax model dir. overrides: {"unet"|"vae"|"text_encoder"|"text_encoder_2"|
+  "motion_module": {field: value}} for config fields the weights cannot tell (heads, GroupNorm
+  groups). Returns the metadata."""
   if not any([base_path, motion_module, motion_loras, domain_adapter]):
     raise ConversionError("nothing to convert: give --base, --motion-module, --motion-lora or --domain-adapter")
   if loras and not base_path:
@@ -84,11 +85,17 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
     if text is not None:
       items["text_encoder"] = cast_tree(text, dtype)
       meta["configs"]["text_encoder"] = to_dict(b["text_config"])
+    if "text_encoder_2" in b:  # SDXL
+      items["text_encoder_2"] = cast_tree(b["text_encoder_2"], dtype)
+      meta["configs"]["text_encoder_2"] = to_dict(b["text_config_2"])
     if "vae" in b:
       items["vae"] = cast_tree(b["vae"], dtype)
       meta["configs"]["vae"] = to_dict(b["vae_config"])
     meta["sources"]["base"] = source_record(base_path)
     meta["formats"]["base"] = b["format"]
+    meta["family"] = b["family"]
+    log(f"base model: {'SDXL' if b['family'] == 'sdxl' else 'SD1.5'} ({b['format']}), "
+        f"parts {', '.join(p for p in ('unet', 'vae', 'text_encoder', 'text_encoder_2') if p in b)}")
     add_extras("base", b["extras"])
 
   mm_tree = None
@@ -138,20 +145,24 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
   return meta
 
 
-WHAT = ("motion_module", "motion_lora", "domain_adapter", "ldm")
+WHAT = ("motion_module", "motion_lora", "domain_adapter", "ldm", "diffusers")
+BASE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def to_torch(model_dir_path: str, what: str, out: str, fmt: str = "original", item: Optional[str] = None,
              log=print) -> None:
   """Export one part of an Orbax model dir: motion_module (original file or diffusers folder),
-  motion_lora / domain_adapter (original processor-LoRA file), ldm (single-file UNet+VAE+CLIP)."""
+  motion_lora / domain_adapter (original processor-LoRA file), ldm (single-file UNet+VAE+CLIP, the
+  SDXL layout for an SDXL model), diffusers (the base model as a diffusers folder: unet/ vae/
+  text_encoder/ [text_encoder_2/] tokenizer/ [tokenizer_2/])."""
   meta = model_dir.read_metadata(model_dir_path)
   if what not in WHAT:
     raise ConversionError(f"unknown --what {what!r}; choose from {', '.join(WHAT)}")
   if fmt not in ("original", "diffusers"):
     raise ConversionError(f"unknown --format {fmt!r}; choose original or diffusers")
-  if fmt == "diffusers" and what != "motion_module":
-    raise ConversionError(f"--format diffusers is only available for motion_module (not {what})")
+  if fmt == "diffusers" and what not in ("motion_module", "diffusers"):
+    raise ConversionError(f"--format diffusers is only available for motion_module (not {what}); "
+                          "--what diffusers writes the base model as a diffusers folder")
   if what == "motion_module":
     extras_keys = meta.get("extras", {}).get("extras_motion_module", [])
     names = ["motion_module"] + (["extras_motion_module"] if extras_keys else [])
@@ -165,13 +176,18 @@ def to_torch(model_dir_path: str, what: str, out: str, fmt: str = "original", it
     trees, _ = model_dir.load_items(model_dir_path, [name])
     lora_files.export_lora(trees[name], out)
   else:
-    present = [n for n in ("unet", "vae", "text_encoder") if n in meta.get("items", [])]
+    present = [n for n in BASE_PARTS if n in meta.get("items", [])]
     if "unet" not in present:
-      raise ConversionError(f"{model_dir_path}: has no unet item to export as LDM")
+      raise ConversionError(f"{model_dir_path}: has no unet item to export as {what}")
     extras_keys = meta.get("extras", {}).get("extras_base", [])
     trees, _ = model_dir.load_items(model_dir_path, present + (["extras_base"] if extras_keys else []))
     extras = model_dir.extras_from_item(trees["extras_base"], extras_keys) if extras_keys else {}
-    base.export_ldm(out, trees["unet"], trees.get("vae"), trees.get("text_encoder"), extras)
+    if what == "ldm":
+      base.export_ldm(out, trees["unet"], trees.get("vae"), trees.get("text_encoder"), extras,
+                      trees.get("text_encoder_2"))
+    else:
+      base.export_diffusers(out, {p: trees[p] for p in present},
+                            {p: model_dir.config_of(meta, p, model_dir_path) for p in present}, extras)
   log(f"wrote {out}")
 
 

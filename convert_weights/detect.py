@@ -6,14 +6,16 @@ import os
 import re
 from typing import Optional
 
-from convert_weights import controlnet_keys, io, ldm, sparse_ctrl_keys
+from convert_weights import controlnet_keys, io, ldm, sdxl_keys, sparse_ctrl_keys
 
 # format id -> human description
 FORMATS = {
     "ldm": "LDM single-file SD1.x checkpoint (model.diffusion_model / first_stage_model / cond_stage_model)",
     "sd2": "LDM single-file SD2.x checkpoint (not supported yet)",
-    "sdxl": "SDXL checkpoint (not supported yet)",
-    "diffusers_folder": "diffusers model folder (unet/ vae/ text_encoder/)",
+    "sdxl": "LDM single-file SDXL checkpoint (model.diffusion_model with label_emb / first_stage_model / "
+            "conditioner.embedders.0 CLIP-L + conditioner.embedders.1 OpenCLIP bigG)",
+    "sdxl_refiner": "SDXL refiner checkpoint (not supported: only the SDXL base model)",
+    "diffusers_folder": "diffusers model folder (unet/ vae/ text_encoder/, SDXL: + text_encoder_2/)",
     "sparse_ctrl_original": "AnimateDiff SparseCtrl, original (guoyww) format",
     "sparse_ctrl_diffusers": "AnimateDiff SparseCtrl, diffusers SparseControlNetModel format",
     "controlnet_ldm": "ControlNet, LDM format (lllyasviel control_sd15_* / control_v11*_sd15_*: "
@@ -38,7 +40,9 @@ def detect_keys(keys) -> str:
     return "kohya_lora"
   if controlnet_keys.is_ldm_controlnet(keys):   # before "ldm": a v1.0 file also holds an SD model
     return "controlnet_ldm"
-  if starts("conditioner.embedders.") or starts(ldm.UNET_PREFIX + "label_emb."):
+  if sdxl_keys.is_refiner(keys):
+    return "sdxl_refiner"
+  if sdxl_keys.is_sdxl(keys):
     return "sdxl"
   if starts("cond_stage_model.model."):
     return "sd2"
@@ -68,6 +72,8 @@ SPARSE_CTRL_KINDS = {
 
 
 _MM_LEVEL = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.motion_modules\.")
+SDXL_BASE_NAME = ("SDXL base model (3-level UNet with the text_time added embedding, CLIP ViT-L + "
+                  "OpenCLIP ViT-bigG text encoders, VAE with scaling 0.13025)")
 SDXL_MOTION_NAME = ("AnimateDiff SDXL motion module (mm_sdxl_v10_beta layout: 3 levels, no mid block; "
                     "for an SDXL base UNet)")
 
@@ -102,6 +108,13 @@ def controlnet_name(sd: dict) -> str:
     return ("SD1.5 ControlNet, v1.0 full file (control_model.* beside a whole SD1.5 model, as "
             "control_sd15_*.pth; only the ControlNet is read)")
   return f"SD1.5 ControlNet ({'keys under control_model.' if prefix else 'bare LDM keys, no control_model. prefix'})"
+
+
+def is_sdxl_folder(path: str) -> bool:
+  """A diffusers folder of an SDXL model: text_encoder_2/, or a UNet config with an added embedding."""
+  cfg = os.path.join(path, "unet", "config.json")
+  return os.path.isdir(os.path.join(path, "text_encoder_2")) or (
+      os.path.isfile(cfg) and bool(io.read_json(cfg).get("addition_embed_type")))
 
 
 def detect_path(path: str) -> str:

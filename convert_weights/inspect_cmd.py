@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from convert_weights import io, ldm
-from convert_weights.detect import (FORMATS, SDXL_MOTION_NAME, controlnet_name, detect_keys,
-                                    known_file, motion_module_family, sparse_ctrl_name)
+from convert_weights import io, ldm, sdxl_keys
+from convert_weights.detect import (FORMATS, SDXL_BASE_NAME, SDXL_MOTION_NAME, controlnet_name, detect_keys,
+                                    is_sdxl_folder, known_file, motion_module_family, sparse_ctrl_name)
 from convert_weights.errors import ConversionError, few
 
 
@@ -23,10 +23,11 @@ def _check(path: str, fmt: str) -> tuple[str, list[str]]:
   """Run the matching loader; returns (detail line, notes)."""
   from convert_weights import lora_files, motion_module_files as motion, sd_base as base
   info: dict = {}
-  if fmt in ("ldm", "diffusers_folder"):
+  if fmt in ("ldm", "sdxl", "diffusers_folder"):
     b = base.load_base_model(path, info=info)
-    parts = [n for n in ("unet", "vae", "text_encoder") if n in b]
-    return f"converts: {', '.join(parts)}", info.get("notes", [])
+    parts = [n for n in ("unet", "vae", "text_encoder", "text_encoder_2") if n in b]
+    return (f"converts: {', '.join(parts)} ({'SDXL' if b['family'] == 'sdxl' else 'SD1.5'})",
+            info.get("notes", []))
   if fmt.startswith("sparse_ctrl"):
     from convert_weights import sparse_ctrl_files
     _, cfg, unet = sparse_ctrl_files.load_sparse_ctrl(path, info=info)
@@ -59,6 +60,9 @@ def _check(path: str, fmt: str) -> tuple[str, list[str]]:
 def _unknown(sd: dict, fmt: str) -> list[str]:
   if fmt == "ldm":
     return [k for k in sd if not k.startswith((ldm.UNET_PREFIX, ldm.VAE_PREFIX, ldm.CLIP_PREFIX, ldm.EMA_PREFIX))]
+  if fmt == "sdxl":
+    return [k for k in sd if not k.startswith((ldm.UNET_PREFIX, ldm.VAE_PREFIX, sdxl_keys.CLIP_L_PREFIX,
+                                               sdxl_keys.CLIP_G_PREFIX, ldm.EMA_PREFIX))]
   if fmt.startswith("motion_module"):
     return [k for k in sd if "motion_modules." not in k]
   if fmt == "kohya_lora":
@@ -71,7 +75,9 @@ def inspect(path: str, check: bool = True) -> str:
   if io.is_diffusers_folder(path):
     fmt = "diffusers_folder"
     lines.append(f"format: {fmt}: {FORMATS[fmt]}")
-    for comp in ("unet", "vae", "text_encoder"):
+    if is_sdxl_folder(path):
+      lines.append(f"model: {SDXL_BASE_NAME}")
+    for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
       w = io.component_weights(os.path.join(path, comp))
       if w:
         lines.append(f"  {comp}: " + "; ".join(_summary(io.load_torch_file(w))))
@@ -88,6 +94,8 @@ def inspect(path: str, check: bool = True) -> str:
     lines.append(f"format: {fmt}: {FORMATS[fmt]}")
     if fmt.startswith("sparse_ctrl"):
       lines.append(f"model: {sparse_ctrl_name(sd)}")
+    if fmt == "sdxl":
+      lines.append(f"model: {SDXL_BASE_NAME}")
     if fmt.startswith("controlnet"):
       lines.append(f"model: {controlnet_name(sd)}")
     if ((fmt.startswith("motion_module") or fmt == "unet_with_motion_modules")
@@ -105,7 +113,7 @@ def inspect(path: str, check: bool = True) -> str:
     if fmt == "unknown":
       lines.append(f"first keys: {few(list(sd)[:5])}")
     lines += [f"note: {n}" for n in info.get("notes", [])]
-  if check and fmt not in ("unknown", "sd2", "sdxl", "diffusers_unet", "kohya_lora"):
+  if check and fmt not in ("unknown", "sd2", "sdxl_refiner", "diffusers_unet", "kohya_lora"):
     try:
       detail, notes = _check(path, fmt)
       lines.append(f"conversion check: ok{'; ' + detail if detail else ''}")

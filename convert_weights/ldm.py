@@ -6,6 +6,9 @@ An SD1.x single file holds three models under fixed prefixes:
     first_stage_model.*              VAE    (encoder.down.i.block.j, mid.attn_1, decoder.up.b ...)
     cond_stage_model.transformer.*   CLIP   (text_model.* exactly as transformers names it)
 
+SDXL files use the same UNet (plus `label_emb`) and VAE names; their two text encoders sit under
+`conditioner.embedders.*` (`sdxl_keys.py`).
+
 Everything here is key renaming plus one reshape (the VAE mid attention's 1x1 convs are linear
 layers in diffusers). `convert_weights.tree` then maps the diffusers names onto our trees.
 """
@@ -27,7 +30,9 @@ _UNET_RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."),
                 ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
 # Whole-model singletons.
 _UNET_FIXED = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-               ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+               ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
+               # SDXL's added (pooled text + time ids) embedding
+               ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
 _MID = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}
 
 

@@ -422,10 +422,14 @@ def test_unknown_and_unsupported_formats(tmp_path, ldm_file):
                        "cond_stage_model.model.token_embedding.weight": np.zeros((4, 4), np.float32)}, sd2)
   with pytest.raises(ConversionError, match="SD2.x .*not supported yet"):
     base.load_base_model(sd2)
-  xl = str(tmp_path / "xl.safetensors")
+  xl = str(tmp_path / "xl.safetensors")   # SDXL base files convert (test_sdxl_convert.py); the refiner not
+  np_save_safetensors({"model.diffusion_model.label_emb.0.0.weight": np.zeros((4, 4), np.float32),
+                       "conditioner.embedders.0.model.x": np.zeros(4, np.float32)}, xl)
+  with pytest.raises(ConversionError, match="SDXL refiner"):
+    base.load_base_model(xl)
   np_save_safetensors({"model.diffusion_model.label_emb.0.0.weight": np.zeros((4, 4), np.float32),
                        "conditioner.embedders.0.transformer.x": np.zeros(4, np.float32)}, xl)
-  with pytest.raises(ConversionError, match="SDXL is not supported yet"):
+  with pytest.raises(ConversionError, match="no input_blocks"):
     base.load_base_model(xl)
 
 

@@ -1,0 +1,278 @@
+"""SDXL base-model converters: A1111/Civitai single files (LDM UNet with label_emb, CLIP-L under
+conditioner.embedders.0.transformer, OpenCLIP bigG under conditioner.embedders.1.model with fused
+q/k/v and a transposed text_projection) and diffusers folders, both directions, bit-exact; the
+refiner and SD2.x refused. Files are written by the test from random tiny diffusers/transformers
+models with the real key names; the exports are read back by diffusers' own single-file code."""
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import UNet2DConditionModel
+from diffusers.loaders import single_file_utils as sfu
+
+from adiff_jax import model_dir
+from adiff_jax.model import ModelConfig
+from adiff_jax.params import flatten
+from adiff_jax.sdxl_text import sdxl_tokenizers
+from convert_weights import convert as pipeline, io, ldm, sd_base as base, sdxl_keys
+from convert_weights.detect import detect_keys
+from convert_weights.errors import ConversionError
+from convert_weights.inspect_cmd import inspect
+from test_sdxl import TINY_XL
+from test_sdxl_text import hf_text_model
+from torch_ref import randomize_, tiny_vae
+
+TINY = ModelConfig.tiny_sdxl()
+# What the weights cannot tell at these sizes (full size: channels/64 and hidden/64 heads, 32 groups).
+OVERRIDES = {"unet": {"attention_heads": (2, 4, 4), "norm_num_groups": 8}, "vae": {"norm_num_groups": 8},
+             "text_encoder": {"num_heads": 2}, "text_encoder_2": {"num_heads": 2}}
+G = sdxl_keys.CLIP_G_PREFIX
+L = sdxl_keys.CLIP_L_PREFIX
+quiet = dict(log=lambda s: None)
+
+
+def np_sd(module, prefix_text_model=False):
+  sd = {k: io.tensor_to_numpy(v) for k, v in module.state_dict().items()}
+  if prefix_text_model:  # transformers v5 drops the prefix; files on disk (the hub's) have it
+    sd = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in sd.items()}
+  return sd
+
+
+def open_clip_names(te2) -> dict:
+  """OpenCLIP's own state dict of a transformers CLIPTextModelWithProjection, written out here
+  independently of convert_weights (as open_clip's TextTransformer names its tensors)."""
+  sd, out = np_sd(te2, True), {}
+  c = te2.config.hidden_size
+  out["token_embedding.weight"] = sd["text_model.embeddings.token_embedding.weight"]
+  out["positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
+  out["ln_final.weight"] = sd["text_model.final_layer_norm.weight"]
+  out["ln_final.bias"] = sd["text_model.final_layer_norm.bias"]
+  out["text_projection"] = np.ascontiguousarray(sd["text_projection.weight"].T)   # x @ P
+  for i in range(te2.config.num_hidden_layers):
+    h, o = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+    for leaf in ("weight", "bias"):
+      out[o + f"attn.in_proj_{leaf}"] = np.concatenate([sd[h + f"self_attn.{x}_proj.{leaf}"] for x in "qkv"])
+      assert out[o + f"attn.in_proj_{leaf}"].shape[0] == 3 * c
+      out[o + f"attn.out_proj.{leaf}"] = sd[h + f"self_attn.out_proj.{leaf}"]
+      out[o + f"ln_1.{leaf}"] = sd[h + f"layer_norm1.{leaf}"]
+      out[o + f"ln_2.{leaf}"] = sd[h + f"layer_norm2.{leaf}"]
+      out[o + f"mlp.c_fc.{leaf}"] = sd[h + f"mlp.fc1.{leaf}"]
+      out[o + f"mlp.c_proj.{leaf}"] = sd[h + f"mlp.fc2.{leaf}"]
+  out["logit_scale"] = np.array(4.6052, np.float32)
+  return out
+
+
+@pytest.fixture(scope="module")
+def models():
+  torch.manual_seed(0)
+  unet = randomize_(UNet2DConditionModel(**TINY_XL), 11).eval()
+  return unet, tiny_vae(12), hf_text_model(TINY.text, 13), hf_text_model(TINY.text_2, 14)
+
+
+@pytest.fixture(scope="module")
+def want(models):
+  """Our trees of the torch models (the reference mapping, no converter config logic)."""
+  unet, vae, te1, te2 = models
+  return {"unet": base.tree_from_diffusers(unet.state_dict(), "unet"),
+          "vae": base.tree_from_diffusers(vae.state_dict(), "vae"),
+          "text_encoder": base.tree_from_diffusers(te1.state_dict(), "text_encoder"),
+          "text_encoder_2": base.tree_from_diffusers(te2.state_dict(), "text_encoder_2")}
+
+
+def single_file_sd(models) -> dict:
+  unet, vae, te1, te2 = models
+  sd = ldm.join_ldm(np_sd(unet), np_sd(vae), {})     # UNet/VAE LDM names (checked by diffusers below)
+  assert sd[ldm.UNET_PREFIX + "label_emb.0.0.weight"].shape == (128, 64)
+  sd.update({L + k: v for k, v in np_sd(te1, True).items()})
+  sd[L + "text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
+  sd.update({G + k: v for k, v in open_clip_names(te2).items()})
+  sd["denoiser.sigmas"] = np.linspace(0.03, 14.6, 1000).astype(np.float32)
+  return sd
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(models, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("sdxl") / "sdxl_tiny.safetensors")
+  io.save_torch_file(single_file_sd(models), path)
+  return path
+
+
+def assert_trees_equal(a, b, what):
+  fa, fb = flatten(a), flatten(b)
+  assert sorted(fa) == sorted(fb), (what, set(fa) ^ set(fb))
+  for k in fa:
+    assert fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]), (what, k)
+
+
+def assert_same_file(a: str, b: str):
+  sa, sb = io.load_torch_file(a), io.load_torch_file(b)
+  assert sorted(sa) == sorted(sb), set(sa) ^ set(sb)
+  for k in sa:
+    assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape and sa[k].tobytes() == sb[k].tobytes(), k
+
+
+# ---------------------------------------------------------------- single file
+def test_single_file_round_trip_bit_exact_and_read_by_diffusers(sdxl_file, models, want, tmp_path):
+  assert detect_keys(io.load_torch_file(sdxl_file)) == "sdxl"
+  out = str(tmp_path / "orbax")
+  meta = pipeline.to_orbax(out, base_path=sdxl_file, overrides=OVERRIDES, **quiet)
+  assert meta["family"] == "sdxl" and meta["formats"]["base"] == "ldm"
+  assert meta["extras"]["extras_base"] == [
+      "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+      "conditioner.embedders.1.model.logit_scale", "denoiser.sigmas"]
+  cfg, params, _, _ = model_dir.load(out)
+  assert cfg == ModelConfig(TINY.unet, None, TINY.text, TINY.vae, TINY.text_2) and cfg.parts == TINY.parts
+  assert cfg.vae.scaling_factor == 0.13025
+  for part in want:   # the file's tensors are the torch models' (OpenCLIP q/k/v split, projection transposed)
+    assert_trees_equal(params[part], want[part], part)
+  back = str(tmp_path / "back.safetensors")
+  pipeline.to_torch(out, "ldm", back, **quiet)
+  assert_same_file(sdxl_file, back)
+  # diffusers' own single-file conversion reads our export (independent key tables)
+  unet, vae, te1, te2 = models
+  ckpt = {k: io.numpy_to_tensor(v) for k, v in io.load_torch_file(back).items()}
+  n = lambda p: sum(k.startswith(p) for k in ckpt)
+  for name, conv, ref, count in (
+      ("unet", sfu.convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), unet, n(ldm.UNET_PREFIX)),
+      ("vae", sfu.convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), vae, n(ldm.VAE_PREFIX)),
+      ("clip_l", sfu.convert_ldm_clip_checkpoint(ckpt), te1, n(L) - 1),               # - position_ids
+      ("open_clip", sfu.convert_open_clip_checkpoint(te2, ckpt, prefix=G), te2, n(G) - 1 + 2 * 2 * 3)):
+    # OpenCLIP: logit_scale ignored, each layer's fused q/k/v weight and bias -> 3 tensors each
+    if name == "clip_l":
+      conv = {k[len("text_model."):]: v for k, v in conv.items() if not k.endswith("position_ids")}
+    assert len(conv) == count, (name, len(conv), count)
+    want_sd = ref.state_dict()    # what a strict load_state_dict needs
+    assert sorted(conv) == sorted(k for k in want_sd if not k.endswith("position_ids")), name
+    assert all(torch.equal(v, want_sd[k]) for k, v in conv.items()), name
+
+
+def test_time_id_width_inferred_from_the_pooled_width(sdxl_file):
+  unet = ldm.unet_ldm_to_diffusers({k[len(ldm.UNET_PREFIX):]: v for k, v in io.load_torch_file(sdxl_file).items()
+                                    if k.startswith(ldm.UNET_PREFIX)})
+  assert base.infer_unet_config(unet, 16).addition_time_embed_dim == 8      # (64 - 16) / 6
+  full = base.infer_unet_config(unet)
+  assert full.addition_time_embed_dim == 256 and full.attention_heads == (1, 1, 1)   # SDXL defaults
+  assert full.transformer_depth == (1, 1, 2) and full.projection_class_embeddings_input_dim == 64
+
+
+def test_open_clip_tables_bit_exact_in_bf16():
+  rng = np.random.default_rng(0)
+  sd = {"transformer.resblocks.0.attn.in_proj_weight": rng.standard_normal((12, 4)),
+        "transformer.resblocks.0.attn.in_proj_bias": rng.standard_normal(12),
+        "transformer.resblocks.0.mlp.c_fc.weight": rng.standard_normal((8, 4)),
+        "text_projection": rng.standard_normal((4, 3)), "positional_embedding": rng.standard_normal((5, 4)),
+        "logit_scale": np.float32(1.0)}
+  sd = {k: np.asarray(v).astype(ml_dtypes.bfloat16) for k, v in sd.items()}
+  hf, extras = sdxl_keys.open_clip_to_transformers(sd)
+  assert list(extras) == ["logit_scale"] and hf["text_projection.weight"].shape == (3, 4)
+  assert np.array_equal(hf["text_model.encoder.layers.0.self_attn.k_proj.weight"], sd[
+      "transformer.resblocks.0.attn.in_proj_weight"][4:8])
+  assert "text_model.encoder.layers.0.mlp.fc1.weight" in hf
+  back = sdxl_keys.transformers_to_open_clip(hf)
+  assert sorted(back) == sorted(k for k in sd if k != "logit_scale")
+  assert all(back[k].dtype == sd[k].dtype and back[k].tobytes() == np.ascontiguousarray(sd[k]).tobytes()
+             for k in back)
+
+
+# ---------------------------------------------------------------- diffusers folder
+@pytest.fixture(scope="module")
+def sdxl_folder(models, tmp_path_factory):
+  """A diffusers SDXL folder as on the hub (text encoders with `text_model.` names)."""
+  unet, vae, te1, te2 = models
+  d = tmp_path_factory.mktemp("sdxl_folder")
+  unet.save_pretrained(str(d / "unet"))
+  vae.save_pretrained(str(d / "vae"))
+  cfg = json.load(open(d / "vae" / "config.json"))
+  json.dump({**cfg, "scaling_factor": 0.13025}, open(d / "vae" / "config.json", "w"))   # SDXL's
+  for name, te in (("text_encoder", te1), ("text_encoder_2", te2)):
+    te.config.save_pretrained(str(d / name))
+    io.save_torch_file(np_sd(te, True), str(d / name / "model.safetensors"), {"format": "pt"})
+  from adiff_jax.tokenizer import CLIPTokenizer
+  CLIPTokenizer.default().save_pretrained(d / "tokenizer")
+  CLIPTokenizer.default(pad="!").save_pretrained(d / "tokenizer_2")
+  return str(d)
+
+
+def test_diffusers_folder_round_trip(sdxl_folder, want, models, tmp_path):
+  out, back = str(tmp_path / "orbax"), str(tmp_path / "back")
+  meta = pipeline.to_orbax(out, base_path=sdxl_folder, **quiet)
+  assert meta["family"] == "sdxl" and meta["formats"]["base"] == "diffusers"
+  cfg, params, _, _ = model_dir.load(out)
+  assert cfg == ModelConfig(TINY.unet, None, TINY.text, TINY.vae, TINY.text_2)   # from the config.json files
+  for part in want:
+    assert_trees_equal(params[part], want[part], part)
+  pipeline.to_torch(out, "diffusers", back, **quiet)
+  for part, f in base.DIFFUSERS_WEIGHTS.items():
+    assert_same_file(os.path.join(sdxl_folder, part, f), os.path.join(back, part, f))
+  # diffusers / transformers load the export; configs read back to the same
+  unet, _, _, te2 = models
+  u = UNet2DConditionModel.from_pretrained(os.path.join(back, "unet"))
+  assert base.unet_config_from_diffusers(dict(u.config)) == TINY.unet
+  t2 = transformers.CLIPTextModelWithProjection.from_pretrained(os.path.join(back, "text_encoder_2"))
+  ids = torch.from_numpy(sdxl_tokenizers(back)[1](["a cat!"])).long()
+  assert all(torch.equal(v, te2.state_dict()[k]) for k, v in t2.state_dict().items())
+  with torch.no_grad():   # (the loaded model may pick another attention kernel: float-level equal)
+    torch.testing.assert_close(t2(ids).text_embeds, te2(ids).text_embeds, rtol=1e-5, atol=1e-6)
+  assert sdxl_tokenizers(back)[1].pad_id == 0
+  assert json.load(open(os.path.join(back, "vae", "config.json")))["scaling_factor"] == 0.13025
+
+
+def test_inspect_names_sdxl(sdxl_file, sdxl_folder):
+  text = inspect(sdxl_file)
+  print(text)
+  assert "format: sdxl:" in text and "model: SDXL base model" in text
+  assert "conversion check: ok; converts: unet, vae, text_encoder, text_encoder_2 (SDXL)" in text
+  text = inspect(sdxl_folder, check=False)   # (the same loader as the round trip above)
+  assert "format: diffusers_folder" in text and "model: SDXL base model" in text and "  text_encoder_2: " in text
+
+
+# ---------------------------------------------------------------- refused
+def test_refiner_and_sd2_refused(models, sdxl_file, sdxl_folder, tmp_path):
+  sd = io.load_torch_file(sdxl_file)
+  refiner = {k.replace(G, sdxl_keys.REFINER_CLIP_G_PREFIX): v for k, v in sd.items() if not k.startswith(L)}
+  p = str(tmp_path / "refiner.safetensors")
+  io.save_torch_file(refiner, p)
+  assert detect_keys(refiner) == "sdxl_refiner"
+  with pytest.raises(ConversionError, match="SDXL refiner"):
+    base.load_base_model(p, overrides=OVERRIDES)
+  text = inspect(p)
+  assert "sdxl_refiner" in text and "conversion check" not in text
+  # a refiner UNet alone: its added embedding takes pooled text as wide as the context + 5 time ids
+  unet_only = {k: v for k, v in sd.items() if k.startswith(ldm.UNET_PREFIX)}
+  with pytest.raises(ConversionError, match="SDXL refiner"):
+    base.load_base_model(_save(unet_only, tmp_path / "u.safetensors"),
+                         overrides={"unet": {**OVERRIDES["unet"], "addition_time_embed_dim": 6,
+                                             "projection_class_embeddings_input_dim": 32 + 5 * 6}})
+  # a diffusers refiner folder: text_encoder_2/ without text_encoder/
+  d = tmp_path / "refiner_folder"
+  os.makedirs(d)
+  for part in ("unet", "vae", "text_encoder_2"):
+    os.symlink(os.path.join(sdxl_folder, part), d / part)
+  with pytest.raises(ConversionError, match="SDXL refiner"):
+    base.load_base_model(str(d))
+  sd2 = {ldm.UNET_PREFIX + "out.2.bias": np.zeros(4, np.float32),
+         "cond_stage_model.model.token_embedding.weight": np.zeros((4, 4), np.float32)}
+  with pytest.raises(ConversionError, match="SD2.x .*not supported yet"):
+    base.load_base_model(_save(sd2, tmp_path / "sd2.safetensors"))
+
+
+def test_mismatched_sdxl_parts_refused(sdxl_file, tmp_path):
+  sd = io.load_torch_file(sdxl_file)
+  sd = {k: v for k, v in sd.items() if not (k.startswith(G) and ".resblocks." not in k and "ln_final" not in k
+                                            and k != G + "logit_scale")}
+  sd[G + "token_embedding.weight"] = np.zeros((49408, 16), np.float32)
+  sd[G + "positional_embedding"] = np.zeros((77, 16), np.float32)
+  sd[G + "text_projection"] = np.zeros((16, 24), np.float32)   # pooled 24, the UNet wants 16
+  with pytest.raises(ConversionError, match="do not fit together.*pooled text of width 16"):
+    base.load_base_model(_save(sd, tmp_path / "bad.safetensors"),
+                         overrides={**OVERRIDES, "unet": {**OVERRIDES["unet"], "addition_time_embed_dim": 8}})
+
+
+def _save(sd, path):
+  io.save_torch_file(sd, str(path))
+  return str(path)
