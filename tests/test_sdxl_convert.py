@@ -276,3 +276,35 @@ def test_mismatched_sdxl_parts_refused(sdxl_file, tmp_path):
 def _save(sd, path):
   io.save_torch_file(sd, str(path))
   return str(path)
+
+
+# ---------------------------------------------------------------- full-size key tables (slow, shapes only)
+@pytest.mark.slow
+def test_full_size_single_file_tables_read_by_diffusers():
+  """Our SDXL single-file names at full size (zero-stride arrays: no memory), read by diffusers'
+  convert_ldm_unet_checkpoint / convert_open_clip_checkpoint into the shapes of its own full-size
+  SDXL UNet and transformers' bigG (torch meta device)."""
+  from convert_weights.tree import tree_to_state_dict
+  from adiff_jax.model import param_shapes
+  full = ModelConfig.sdxl(motion=None)
+  stub = lambda tree: jax.tree.map(lambda s: np.broadcast_to(np.zeros((), np.float16), s.shape), tree)
+  shapes = param_shapes(full)
+  sd = sdxl_keys.join_sdxl(tree_to_state_dict(stub(shapes["unet"])), {},
+                           tree_to_state_dict(stub(shapes["text_encoder"])),
+                           tree_to_state_dict(stub(shapes["text_encoder_2"])))
+  assert sd[G + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3840, 1280)
+  assert sd[G + "text_projection"].shape == (1280, 1280) and sd[G + "positional_embedding"].shape == (77, 1280)
+  assert sd[ldm.UNET_PREFIX + "label_emb.0.0.weight"].shape == (1280, 2816)
+  ckpt = {k: torch.empty(v.shape, dtype=torch.float16, device="meta") for k, v in sd.items()}
+  unet_cfg = base.unet_config_to_diffusers(full.unet)
+  with torch.device("meta"):
+    unet = UNet2DConditionModel(**{k: v for k, v in unet_cfg.items() if not k.startswith("_")})
+    te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        **{k: v for k, v in base.text_config_to_transformers(full.text_2).items()
+           if k not in ("architectures", "model_type")}))
+  for name, conv, ref in (("unet", sfu.convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), unet),
+                          ("open_clip", sfu.convert_open_clip_checkpoint(te2, ckpt, prefix=G), te2)):
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+    assert {k: tuple(v.shape) for k, v in conv.items()} == want, name
+  n = sum(int(np.prod(v.shape)) for k, v in sd.items() if k.startswith(ldm.UNET_PREFIX))
+  assert n == 2_567_463_684
