@@ -8,6 +8,8 @@
   python sample.py --ckpt ... --motion-module v3_sd15_mm.ckpt --sparsectrl v3_sd15_sparsectrl_rgb.ckpt \
       --cond-image first.png:0 --cond-image last.png:-1 --prompt "..."   # SparseCtrl keyframes
   python sample.py --ckpt ... --init-video input.mp4 --strength 0.6 --prompt "..."  # video-to-video
+  python sample.py --ckpt ... --controlnet control_v11f1p_sd15_depth.pth:0.8 --control-video depth.mp4 \
+      --prompt "..."                                   # dense ControlNet (repeat both for several)
 
 --ckpt is an Orbax directory made by `python -m convert_weights to-orbax`, or PyTorch files
 (LDM single file / diffusers folder), converted on the fly and cached (a message says where).
@@ -30,7 +32,7 @@ from typing import Any, Optional
 from adiff_jax.errors import InputError, run_cli
 
 
-# Official prompt-config keys we understand (controlnet_*: SparseCtrl; dense ControlNet is not supported).
+# Prompt-config keys we understand: the official ones (controlnet_*: SparseCtrl) and ours.
 CONFIG_KEYS = {"dreambooth_path", "lora_model_path", "lora_alpha", "inference_config",
                "motion_module", "motion_module_lora_configs", "adapter_lora_path",
                "adapter_lora_scale", "seed", "steps", "guidance_scale", "prompt", "n_prompt",
@@ -45,7 +47,9 @@ CONFIG_KEYS = {"dreambooth_path", "lora_model_path", "lora_alpha", "inference_co
                "controlnet_path", "controlnet_config", "controlnet_images", "controlnet_image_indexs",
                "controlnet_conditioning_scale", "normalize_condition_images"} | {
                # video-to-video (ours, the flags' names)
-               "init_video", "strength"}
+               "init_video", "strength",
+               # dense ControlNets (ours): a list of {path, video, scale, start, end}; guess_mode
+               "controlnets", "guess_mode"}
 DEFAULT_NEGATIVE = ""
 
 
@@ -126,6 +130,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "aspect and resized, as the official script")
   sp.add_argument("--controlnet-scale", type=float, default=1.0, metavar="S",
                   help="SparseCtrl conditioning scale (default 1.0)")
+  cn = ap.add_argument_group("ControlNet", "dense control, one control frame per video frame "
+                             "(docs/control.md); repeat the flags for several ControlNets")
+  cn.add_argument("--controlnet", action="append", default=[], metavar="PATH[:SCALE]",
+                  help="SD1.5 ControlNet (lllyasviel .pth/.safetensors, diffusers folder), scale "
+                  "default 1.0")
+  cn.add_argument("--control-video", action="append", default=[], metavar="FILE|DIR",
+                  help="control frames of the k-th --controlnet (already preprocessed: depth, "
+                  "edges, pose...): a GIF/MP4 or a folder of images; its first --frames frames, resized")
+  cn.add_argument("--control-images", action="append", dest="control_video", metavar="DIR",
+                  help="the same as --control-video, a folder of images")
+  cn.add_argument("--control-range", action="append", default=[], metavar="START:END",
+                  help="share of the steps the k-th ControlNet acts on (default 0:1; "
+                  "diffusers' control_guidance_start/end)")
+  cn.add_argument("--guess-mode", action="store_true",
+                  help="ControlNets see the conditional half only (diffusers' guess mode)")
   vv = ap.add_argument_group("video-to-video", "restyle an input video (docs/control.md)")
   vv.add_argument("--init-video", metavar="FILE", help="input video (GIF/MP4) or folder of frames: "
                   "VAE-encoded, noised to the strength's step; its first --frames frames, resized")
@@ -266,7 +285,14 @@ def entry_to_args(entry: dict, base: argparse.Namespace) -> argparse.Namespace:
   a.frames = entry.get("L", base.frames)
   a.scheduler = entry.get("scheduler", base.scheduler)
   a.inference_config = entry.get("inference_config")
-  for key in ("init_video", "strength", "context_length", "context_overlap", "context_stride", "context_schedule",
+  if entry.get("controlnets"):
+    nets = entry["controlnets"]
+    if not isinstance(nets, list) or not all(isinstance(n, dict) and "path" in n for n in nets):
+      raise InputError("controlnets: expected a list of {path, video, scale, start, end} entries")
+    a.controlnet = [f"{n['path']}:{n.get('scale', 1.0)}" for n in nets]
+    a.control_video = [n.get("video") for n in nets]
+    a.control_range = [f"{n.get('start', 0.0)}:{n.get('end', 1.0)}" for n in nets]
+  for key in ("guess_mode", "init_video", "strength", "context_length", "context_overlap", "context_stride", "context_schedule",
               "closed_loop", "fuse", "prompt_interpolation", "free_init", "free_init_method",
               "free_init_fast", "free_init_ds", "free_init_dt", "free_init_order", "free_noise",
               "free_noise_length", "free_noise_stride"):
@@ -387,6 +413,34 @@ def sparse_ctrl_request(args: argparse.Namespace) -> Optional[dict]:
               config=getattr(args, "controlnet_config", None))
 
 
+def controlnet_request(args: argparse.Namespace) -> list[dict]:
+  """The dense ControlNets of the flags or prompt config, checked before anything loads:
+  [{path, scale, video, start, end}]."""
+  nets = list(getattr(args, "controlnet", None) or [])
+  videos = list(getattr(args, "control_video", None) or [])
+  ranges = list(getattr(args, "control_range", None) or [])
+  if len(videos) != len(nets):
+    raise InputError(f"{len(nets)} --controlnet but {len(videos)} --control-video/--control-images: "
+                     f"give one control video per ControlNet")
+  if len(ranges) not in (0, len(nets)):
+    raise InputError(f"{len(ranges)} --control-range for {len(nets)} ControlNets: give none or one each")
+  out = []
+  for k, (spec, video) in enumerate(zip(nets, videos)):
+    path, scale = _path_value(spec, 1.0)
+    rng = ranges[k] if ranges else "0:1"
+    m = re.match(r"^\s*([0-9.]+)\s*:\s*([0-9.]+)\s*$", str(rng))
+    if not m:
+      raise InputError(f"--control-range {rng!r}: expected START:END, e.g. 0:0.6")
+    start, end = float(m.group(1)), float(m.group(2))
+    if not 0.0 <= start < end <= 1.0:
+      raise InputError(f"--control-range {rng}: need 0 <= START < END <= 1")
+    for p in (path, video):
+      if not p or not os.path.exists(p):
+        raise InputError(f"file not found: {p}")
+    out.append(dict(path=path, scale=scale, video=video, start=start, end=end))
+  return out
+
+
 def load_sparse_ctrl_file(req: dict):
   """(SparseCtrlConfig, params) of a SparseCtrl file, converted in memory (renaming only: no
   cache); an official `controlnet_config` must agree with what the weights are."""
@@ -442,6 +496,7 @@ def load_keyframe_images(paths, height: int, width: int, normalize: bool = False
 def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   import jax
   from adiff_jax import prompt_travel
+  from adiff_jax.control import ControlNetSampling
   from adiff_jax.sampling import Pipeline, SamplingConfig, SparseCtrlSampling, seed_key
   from adiff_jax.sharding import make_mesh
   from adiff_jax.video_io import grid, save_gif, save_mp4, to_uint8
@@ -473,7 +528,20 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
     is_b = builtin_lib.is_builtin(args.ckpt)
     init_video = fit_frames(read_frames(args.init_video), args.frames, args.height or (64 if is_b else 512),
                             args.width or (64 if is_b else 512), "--init-video", args.init_video)
+  cn_req = controlnet_request(args)
+  if cn_req:   # the control videos before the base model too
+    from adiff_jax.video_io import fit_frames, read_frames
+    is_b = builtin_lib.is_builtin(args.ckpt)
+    for r in cn_req:
+      r["frames"] = fit_frames(read_frames(r["video"]), args.frames, args.height or (64 if is_b else 512),
+                               args.width or (64 if is_b else 512), "control video", r["video"])
   cfg, params, lora, desc = load_model(args)
+  controlnets = []
+  if cn_req:
+    from convert_weights.controlnet_files import load_controlnet
+    for r in cn_req:
+      tree, cn_cfg, cn_unet = load_controlnet(r["path"], unet=cfg.unet)
+      controlnets.append((cn_cfg, cn_unet, tree))
   builtin = builtin_lib.is_builtin(args.ckpt)
   h = args.height or (64 if builtin else 512)
   w = args.width or (64 if builtin else 512)
@@ -493,12 +561,15 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
                       clip_skip=args.clip_skip,
                       sparse_ctrl=SparseCtrlSampling(sparse_req["scale"]) if sparse_req else None,
                       strength=float(getattr(args, "strength", 0.8)),
+                      controlnets=tuple(ControlNetSampling(r["scale"], r["start"], r["end"],
+                                                           bool(getattr(args, "guess_mode", False)))
+                                        for r in cn_req),
                       schedule=schedule, **long_video)
   mesh = None
   if len(jax.devices()) > 1:
     mesh = make_mesh(frames=args.mesh_frames)
   pipe = Pipeline(cfg, params, lora=lora, dtype=args.dtype, mesh=mesh, attention_impl=args.attention_impl,
-                  sparse_ctrl=sparse)
+                  sparse_ctrl=sparse, controlnets=controlnets)
   pipe.check(sc)
   print(f"model: {desc}")
   control = None
@@ -515,6 +586,9 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
     print(f"context windows: {c.context_length} frames, overlap {c.overlap}, {c.schedule} schedule"
           f"{' (closed loop)' if c.closed_loop else ''}, {c.fuse} fusion, "
           f"{pipe.context_batch(sc)} window(s) per UNet call")
+  for r in cn_req:
+    print(f"ControlNet {r['path']}: scale {r['scale']}, steps {r['start']:g}..{r['end']:g} of the "
+          f"schedule, control frames {r['video']}{', guess mode' if args.guess_mode else ''}")
   if init_video is not None:
     print(f"video-to-video: {args.init_video}, strength {sc.strength}: steps {sc.start_step() + 1}.."
           f"{sc.steps} of {sc.steps} run")
@@ -530,7 +604,8 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   t0 = time.perf_counter()
   try:
     frames = to_uint8(pipe(prompts, negative, seeds, sc, control=control,
-                           init_video=None if init_video is None else init_video[None]))
+                           init_video=None if init_video is None else init_video[None],
+                           controlnet_frames=[r["frames"][None] for r in cn_req] or None))
   except FloatingPointError as e:
     raise InputError(str(e)) from None
   print(f"done in {time.perf_counter() - t0:.1f} s (including compilation)")
@@ -558,6 +633,9 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
                       controlnet_image_indexs=sparse_req["indices"],
                       controlnet_conditioning_scale=sparse_req["scale"])),
                   **({} if init_video is None else dict(init_video=args.init_video, strength=sc.strength)),
+                  **({} if not cn_req else dict(
+                      controlnets=[{k: r[k] for k in ("path", "video", "scale", "start", "end")}
+                                   for r in cn_req], guess_mode=bool(args.guess_mode))),
                   noise_scheduler_kwargs={k: v for k, v in dataclasses.asdict(sc.schedule).items()})
   import yaml
   cfg_path = os.path.join(out_dir, "config.yaml")

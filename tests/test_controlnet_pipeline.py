@@ -114,3 +114,61 @@ def test_errors_before_compiling(reference):
   with pytest.raises(InputError, match="takes images at 8x the latent size"):
     Pipeline(cfg, params, controlnets=[(dataclasses.replace(cn_cfg, conditioning_embedding_channels=(8, 16, 16, 16)),
                                         cn_unet, tree)])
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+def test_cli_controlnets(tmp_path, capsys):
+  """Two ControlNets (a diffusers folder and an LDM file) with scales, ranges and control
+  videos on the built-in model; the prompt-config `controlnets` key; errors before compiling."""
+  import os
+  import sys
+  import yaml
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import sample
+  from adiff_jax.errors import run_cli
+  from adiff_jax.video_io import save_gif, to_uint8
+  from convert_weights.controlnet_files import controlnet_state_dict, tree_from_state_dict
+  from safetensors.torch import save_file
+  from torch_ref import tiny_controlnet
+  nets = [tiny_controlnet(s, conditioning_embedding_out_channels=EMB) for s in (7, 8)]
+  folder = str(tmp_path / "cn_a")
+  nets[0].save_pretrained(folder)
+  tree, _, _ = tree_from_state_dict(nets[1].state_dict(), "b", diffusers_cfg=dict(nets[1].config))
+  ldm = str(tmp_path / "control_b.safetensors")
+  save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in controlnet_state_dict(tree, "ldm").items()}, ldm)
+  vid = str(tmp_path / "depth.gif")
+  save_gif(to_uint8(_frames(9)[0]), vid)
+  argv = ["--frames", "4", "--steps", "2", "--height", "32", "--width", "32", "--seed", "1",
+          "--prompt", "a red circle", "--controlnet", f"{folder}:0.7", "--control-video", vid,
+          "--controlnet", ldm, "--control-images", str(tmp_path / "frames"), "--control-range", "0:0.5",
+          "--control-range", "0.5:1"]
+  os.makedirs(tmp_path / "frames")
+  from PIL import Image
+  for i, f in enumerate(to_uint8(_frames(10)[0])):
+    Image.fromarray(f).save(tmp_path / "frames" / f"{i:03d}.png")
+  assert sample.main(argv + ["--out", str(tmp_path / "o")]) == 0
+  out = capsys.readouterr().out
+  assert f"ControlNet {folder}: scale 0.7, steps 0..0.5" in out and f"ControlNet {ldm}: scale 1.0, steps 0.5..1" in out, out
+  (run,) = os.listdir(tmp_path / "o")
+  resolved = yaml.safe_load(open(tmp_path / "o" / run / "config.yaml"))
+  assert [n["path"] for n in resolved["controlnets"]] == [folder, ldm]
+  # its controlnets key runs as a prompt config
+  entry = {k: resolved[k] for k in ("prompt", "seed", "steps", "W", "H", "L", "controlnets")}
+  (tmp_path / "p.yaml").write_text(yaml.safe_dump([entry]))
+  assert sample.main(["--config", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "o2")]) == 0
+  assert f"ControlNet {ldm}: scale 1.0, steps 0.5..1" in capsys.readouterr().out
+
+  base = argv[:14]                                                   # one --controlnet, no video
+  assert run_cli(sample.main, base) == 2                                          # no control video
+  assert run_cli(sample.main, base + ["--control-video", vid, "--control-range", "0.6:0.2"]) == 2
+  assert run_cli(sample.main, base + ["--control-video", str(tmp_path / "none.mp4")]) == 2
+  assert run_cli(sample.main, ["--frames", "8"] + base[2:] + ["--control-video", vid]) == 2   # 4 < 8 frames
+  err = capsys.readouterr().err
+  for needle in ("give one control video per ControlNet", "need 0 <= START < END <= 1",
+                 "file not found", "has 4 frames, the clip needs 8"):
+    assert needle in err, (needle, err)
+  from convert_weights.errors import ConversionError
+  from convert_weights.motion_module_files import load_motion_module
+  with pytest.raises(ConversionError, match="not a motion module: found controlnet_ldm"):
+    load_motion_module(ldm)                                     # a ControlNet given as motion module
