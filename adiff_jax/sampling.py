@@ -25,7 +25,7 @@ from adiff_jax.control import ControlNetSampling, ControlUnit, pack_frames, resi
 from adiff_jax.context import ContextConfig, WindowPlan, fused_eps, plan_windows
 from adiff_jax.errors import InputError
 from adiff_jax.free_noise import FreeNoiseConfig, reschedule_noise
-from adiff_jax.model import ModelConfig, PARTS
+from adiff_jax.model import ModelConfig
 from adiff_jax.params import dtype as dtype_of
 from adiff_jax.schedulers import (NoiseSchedule, SAMPLERS, make_sampler, noise_to_step, sample_init,
                                   sample_step, start_at)
@@ -95,10 +95,11 @@ class Pipeline:
   """
 
   def __init__(self, config: ModelConfig, params: Pytree, *, tokenizer: Optional[CLIPTokenizer] = None,
+               tokenizer_2: Optional[CLIPTokenizer] = None,
                lora: Optional[Pytree] = None, dtype: str = "f32", mesh=None,
                attention_impl: Optional[str] = None, sparse_ctrl: Optional[tuple] = None,
                controlnets: Sequence[tuple] = ()):
-    missing = [p for p in PARTS if p not in params]
+    missing = [p for p in config.parts if p not in params]
     if missing:
       raise InputError(f"pipeline parameters lack {missing} (have {sorted(params)})")
     self.config = config
@@ -109,9 +110,14 @@ class Pipeline:
     self.text_encoder = CLIPTextModel(config.text, dtype=self.dtype, attention_impl=attention_impl)
     self.vae = AutoencoderKL(config.vae, dtype=self.dtype)
     cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, self.dtype), t)
-    self.params = {p: cast(params[p]) for p in PARTS}
+    self.params = {p: cast(params[p]) for p in config.parts}
     self.lora = None if lora is None else cast(lora)
     self.tokenizer = tokenizer or CLIPTokenizer.default()
+    self.text_encoder_2 = self.tokenizer_2 = None
+    if config.is_sdxl:   # SDXL: a second text encoder, its tokenizer pads with "!"
+      from adiff_jax.sdxl_text import PAD_2
+      self.text_encoder_2 = CLIPTextModel(config.text_2, dtype=self.dtype, attention_impl=attention_impl)
+      self.tokenizer_2 = tokenizer_2 or CLIPTokenizer.default(pad=PAD_2)
     self.mesh = mesh
     self._loops: dict = {}
     self.sparse_ctrl = self.sparse_ctrl_params = None
@@ -135,6 +141,8 @@ class Pipeline:
 
   def _set_sparse_ctrl(self, ctrl_config, ctrl_params) -> None:
     from adiff_jax.sparse_ctrl import SparseControlNet, param_shapes
+    if self.config.is_sdxl:
+      raise InputError("SparseCtrl exists for SD1.5 only; this is an SDXL model")
     want = jax.tree_util.tree_flatten_with_path(param_shapes(ctrl_config, self.config.unet))[0]
     have = dict((jax.tree_util.keystr(k), np.shape(v))
                 for k, v in jax.tree_util.tree_flatten_with_path(ctrl_params)[0])
@@ -292,9 +300,16 @@ class Pipeline:
 
   # -- stages ---------------------------------------------------------------------------------
   def encode_prompts(self, prompts: Sequence[prompt_travel.Prompt], clip_skip: int = 1,
-                     frames: Optional[int] = None, interpolation: str = "lerp") -> jax.Array:
+                     frames: Optional[int] = None, interpolation: str = "lerp",
+                     size: Optional[tuple[int, int]] = None):
     """(B,) prompts -> text context (B, 77, D); with `frames`, per-frame context (B, F, 77, D)
-    (travelling prompts {frame: text} interpolated, plain ones repeated)."""
+    (travelling prompts {frame: text} interpolated, plain ones repeated).
+
+    SDXL: {"context": (B, 77, 2048), "text_embeds": (B, 1280) pooled, "time_ids": (B, 6)} (both
+    encoders' hidden_states[-(clip_skip + 1)]; time ids: original = target = `size` (H, W), no
+    crop, as diffusers' defaults); the UNet's text and added conditions in one pytree."""
+    if self.config.is_sdxl:
+      return self._encode_sdxl(prompts, clip_skip, frames, size)
     if frames is None:
       ids = jnp.asarray(self.tokenizer(list(prompts)))
       return _encode_text(self.text_encoder, self.params["text_encoder"], ids, clip_skip)
@@ -303,6 +318,20 @@ class Pipeline:
     row = {t: i for i, t in enumerate(texts)}
     return jnp.stack([prompt_travel.per_frame(embeds[jnp.asarray([row[t] for t in prompt_travel.texts(p)])],
                                               p, frames, interpolation) for p in prompts])
+
+  def _encode_sdxl(self, prompts, clip_skip: int, frames, size):
+    from adiff_jax.sdxl_text import time_ids
+    if frames is not None:
+      raise InputError("travelling prompts are not supported with SDXL: its pooled text embedding "
+                       "is one per video")
+    if size is None:
+      raise InputError("SDXL prompts need the video size (H, W) for the UNet's time ids")
+    ids, ids_2 = (jnp.asarray(t(list(prompts))) for t in (self.tokenizer, self.tokenizer_2))
+    # Our clip_skip counts from 1 = the last layer; diffusers' SDXL default is the penultimate.
+    ctx, pooled = _encode_sdxl_jit(self.text_encoder, self.params["text_encoder"], self.text_encoder_2,
+                                   self.params["text_encoder_2"], ids, ids_2, int(clip_skip))
+    tid = jnp.broadcast_to(jnp.asarray(time_ids(size)), (len(prompts), 6))
+    return {"context": ctx, "text_embeds": pooled.astype(ctx.dtype), "time_ids": tid}
 
   def initial_noise(self, seeds: Sequence[int], cfg: SamplingConfig, stream: int = 0) -> jax.Array:
     """Standard-normal latents (B, F, h, w, C), one independent stream per seed (stream > 0:
@@ -385,8 +414,16 @@ class Pipeline:
     controls = self._controls(control, controlnet_frames, len(prompts), cfg)
     start, init_latents = self._init_latents(init_video, init_latents, len(prompts), cfg)
     per_frame = cfg.frames if prompt_travel.is_travelling(prompts + negative) else None
-    cond = self.encode_prompts(prompts, cfg.clip_skip, per_frame, cfg.prompt_interpolation)
-    uncond = self.encode_prompts(negative, cfg.clip_skip, per_frame, cfg.prompt_interpolation)
+    size = (cfg.height, cfg.width)
+    cond = self.encode_prompts(prompts, cfg.clip_skip, per_frame, cfg.prompt_interpolation, size)
+    if self.config.is_sdxl and negative_prompts is None:
+      # diffusers' force_zeros_for_empty_prompt (SDXL base): no negative prompt -> zero context
+      # and pooled text (the time ids stay).
+      uncond = dict(cond, context=jnp.zeros_like(cond["context"]),
+                    text_embeds=jnp.zeros_like(cond["text_embeds"]))
+    else:   # SDXL: diffusers encodes negatives at the penultimate layer whatever clip_skip is
+      uncond = self.encode_prompts(negative, 1 if self.config.is_sdxl else cfg.clip_skip, per_frame,
+                                   cfg.prompt_interpolation, size)
     if noise is None:
       noise = self.initial_noise(seeds, cfg)
       if cfg.free_noise is not None and init_latents is None:   # each sample's shuffle from its own seed
@@ -458,6 +495,21 @@ def _encode_text(model, params, ids, clip_skip):
   return model.apply({"params": params}, ids, clip_skip=clip_skip)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "model_2", "clip_skip"))
+def _encode_sdxl_jit(model, params, model_2, params_2, ids, ids_2, clip_skip):
+  from adiff_jax.sdxl_text import encode_sdxl
+  return encode_sdxl(model, params, model_2, params_2, ids, ids_2,
+                     None if clip_skip <= 1 else clip_skip - 1)
+
+
+def _text_and_added(c):
+  """Text condition -> (context, added_cond): SD1.5's is the context array; SDXL's a dict that
+  also holds the UNet's added conditions (pooled text, time ids)."""
+  if not isinstance(c, dict):
+    return c, None
+  return c["context"], {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
+
+
 def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
                plan: Optional[WindowPlan] = None, group: int = 1, units: tuple = (), start: int = 0):
   """(unet_params, lora, noise, cond, uncond, guidance, key[, ctrl_args]) -> latents.
@@ -486,12 +538,13 @@ def _make_loop(unet: UNet3D, sampler, progress: bool, guided: bool = True,
     def model(x, ctx, t):  # x (B', F', h, w, C); ctx (uncond, cond[, control leaves]), text (B', 77, D) or (B', F', 77, D)
       u, c = ctx[:2]
       if guided:           # CFG in one batch: (2B', ...)
-        x, c = jnp.concatenate([x, x]), jnp.concatenate([u, c])
+        x, c = jnp.concatenate([x, x]), jax.tree.map(lambda a, b: jnp.concatenate([a, b]), u, c)
+      c, added = _text_and_added(c)
       tt = jnp.broadcast_to(t, (x.shape[0],))
       res = residuals(units, ctrl_args[0], ctx[2], x, c, tt, i - start, sampler.num_steps - start,
                       guided) if units else {}
       out = unet.apply(variables, x.astype(unet.dtype), tt,
-                       c.astype(unet.dtype), **res).astype(jnp.float32)
+                       c.astype(unet.dtype), added_cond=added, **res).astype(jnp.float32)
       if not guided:
         return out
       e_uncond, e_cond = jnp.split(out, 2)

@@ -101,6 +101,14 @@ class NoiseSchedule:
     return dataclasses.replace(cls.animatediff(), timestep_spacing="trailing")
 
   @classmethod
+  def animatediff_sdxl(cls) -> "NoiseSchedule":
+    """The official AnimateDiff `sdxl` branch's sampler settings (used with Euler): scaled-linear
+    betas 0.00085..0.020, "leading" spacing, steps_offset 1. (diffusers' AnimateDiffSDXL docs show
+    DDIM with other betas: not the official settings.)"""
+    return cls(beta_start=0.00085, beta_end=0.020, beta_schedule="scaled_linear", steps_offset=1,
+               timestep_spacing="leading", set_alpha_to_one=False)
+
+  @classmethod
   def sd15(cls) -> "NoiseSchedule":
     """SD1.5's own scheduler_config.json (scaled_linear, set_alpha_to_one false)."""
     return cls(beta_schedule="scaled_linear", set_alpha_to_one=False)

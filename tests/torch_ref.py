@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -105,13 +106,14 @@ def tiny_text_encoder(seed: int):
       max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act)), seed).eval()
 
 
-def tiny_vae(seed: int):
-  """diffusers AutoencoderKL of ModelConfig.tiny()'s VAE, random (`randomize_`)."""
+def tiny_vae(seed: int, **kw):
+  """diffusers AutoencoderKL of ModelConfig.tiny()'s VAE, random (`randomize_`); kw: e.g.
+  scaling_factor (SDXL's 0.13025)."""
   from diffusers import AutoencoderKL
   return randomize_(AutoencoderKL(block_out_channels=(32, 64, 64), layers_per_block=1,
                                   norm_num_groups=8, latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 3,
-                                  up_block_types=("UpDecoderBlock2D",) * 3), seed).eval()
+                                  up_block_types=("UpDecoderBlock2D",) * 3, **kw), seed).eval()
 
 
 def tiny_unet_motion(seed: int = 1):
@@ -164,3 +166,60 @@ def tiny_controlnet(seed: int = 0, **kw):
               attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8,
               conditioning_embedding_out_channels=(8, 16, 16, 16))
   return randomize_(ControlNetModel(**{**base, **kw}), seed).eval()
+
+
+def tiny_animatediff_sdxl(tok_dir):
+  """(ModelConfig.tiny_sdxl(), our params, diffusers AnimateDiffSDXLPipeline) with the same random
+  tiny weights: both text encoders (the second with projection), the SDXL-layout UNet with its
+  motion adapter (motion GroupNorm pooled over frames in both: the official SDXL code's), SDXL VAE
+  scaling, the official sdxl-branch Euler settings."""
+  import torch
+  from diffusers import (AnimateDiffSDXLPipeline, EulerDiscreteScheduler, MotionAdapter,
+                         UNet2DConditionModel, UNetMotionModel)
+  from transformers import CLIPTokenizer as HFTokenizer
+  from transformers import CLIPTextConfig as HFConfig, CLIPTextModel, CLIPTextModelWithProjection
+  from adiff_jax.model import ModelConfig
+  from adiff_jax.tokenizer import CLIPTokenizer
+  from convert_weights.sd_base import tree_from_diffusers
+
+  torch.manual_seed(0)
+  cfg = ModelConfig.tiny_sdxl()
+  u = cfg.unet
+  unet2d = UNet2DConditionModel(
+      block_out_channels=u.block_out_channels, layers_per_block=2, attention_head_dim=u.attention_heads,
+      transformer_layers_per_block=u.transformer_depth, cross_attention_dim=u.cross_attention_dim,
+      norm_num_groups=u.norm_num_groups, sample_size=8, use_linear_projection=True,
+      addition_embed_type="text_time", addition_time_embed_dim=u.addition_time_embed_dim,
+      projection_class_embeddings_input_dim=u.projection_class_embeddings_input_dim,
+      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+  adapter = MotionAdapter(block_out_channels=u.block_out_channels, motion_layers_per_block=2,
+                          motion_num_attention_heads=cfg.motion.num_heads,
+                          motion_norm_num_groups=cfg.motion.norm_groups, motion_max_seq_length=32,
+                          use_motion_mid_block=False)
+  unet = randomize_(UNetMotionModel.from_unet2d(unet2d, adapter), 1).eval()
+
+  def text_model(t, cls, seed):
+    kw = dict(projection_dim=t.projection_dim) if t.projection_dim else {}
+    return randomize_(cls(HFConfig(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+        max_position_embeddings=t.max_position_embeddings, hidden_act=t.hidden_act,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1, **kw)), seed).eval()
+  text = text_model(cfg.text, CLIPTextModel, 2)
+  text_2 = text_model(cfg.text_2, CLIPTextModelWithProjection, 4)
+  vae = tiny_vae(3, scaling_factor=cfg.vae.scaling_factor)
+  params = {"unet": unet_params_from_diffusers(unet),
+            "text_encoder": tree_from_diffusers(text.state_dict(), "text_encoder"),
+            "text_encoder_2": tree_from_diffusers(text_2.state_dict(), "text_encoder"),
+            "vae": vae_params_from_diffusers(vae)}
+  CLIPTokenizer.default().save_pretrained(os.path.join(tok_dir, "tokenizer"))
+  CLIPTokenizer.default(pad="!").save_pretrained(os.path.join(tok_dir, "tokenizer_2"))
+  tok = HFTokenizer.from_pretrained(os.path.join(tok_dir, "tokenizer"))
+  tok_2 = HFTokenizer.from_pretrained(os.path.join(tok_dir, "tokenizer_2"))
+  sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.020,
+                                 beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+  pipe = AnimateDiffSDXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok,
+                                 tokenizer_2=tok_2, unet=unet, motion_adapter=adapter, scheduler=sched,
+                                 force_zeros_for_empty_prompt=True)
+  return cfg, params, pipe
