@@ -69,16 +69,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--prompt", action="append", help="prompt (repeatable)")
   ap.add_argument("--negative-prompt", default=None, help="negative prompt for every sample")
   ap.add_argument("--frames", type=int, default=16)
-  ap.add_argument("--height", type=int, default=None, help="default 512 (64 for the built-in model)")
-  ap.add_argument("--width", type=int, default=None, help="default 512 (64 for the built-in model)")
+  ap.add_argument("--height", type=int, default=None,
+                  help="default 512 (SDXL 1024, the built-in model 64)")
+  ap.add_argument("--width", type=int, default=None,
+                  help="default 512 (SDXL 1024, the built-in model 64)")
   ap.add_argument("--steps", type=int, default=None,
-                  help="denoising steps (default 25, the official setting; 20 for the built-in model)")
-  ap.add_argument("--guidance-scale", type=float, default=7.5)
+                  help="denoising steps (default 25, the official setting; SDXL 100 as the official "
+                  "sdxl prompt configs; 20 for the built-in model)")
+  ap.add_argument("--guidance-scale", type=float, default=None,
+                  help="default 7.5 (SDXL 8.5, the official sdxl prompt configs)")
   ap.add_argument("--seed", type=int, nargs="+", default=[-1], help="one or one per sample; -1 = random")
   ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
   from adiff_jax.schedulers import SAMPLERS, TIMESTEP_SPACINGS
-  ap.add_argument("--scheduler", default="ddim", choices=SAMPLERS,
-                  help="lcm: AnimateLCM (--steps 4 --guidance-scale 1.5 --lcm-original-steps 100); "
+  ap.add_argument("--scheduler", default=None, choices=SAMPLERS,
+                  help="default ddim with the official AnimateDiff settings (SDXL: euler with the "
+                  "official sdxl-branch betas); lcm: AnimateLCM (--steps 4 --guidance-scale 1.5 --lcm-original-steps 100); "
                   "euler with --timestep-spacing trailing: AnimateDiff-Lightning (--guidance-scale 1)")
   ap.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
                   help="override the schedule's spacing (default: the inference config's, leading)")
@@ -311,10 +316,58 @@ def entry_to_args(entry: dict, base: argparse.Namespace) -> argparse.Namespace:
   return a
 
 
-def schedule_from_inference_config(path: Optional[str]):
-  """noise_scheduler_kwargs of an official inference config (missing file: the official defaults)."""
+def model_family(args: argparse.Namespace) -> str:
+  """"sdxl" or "sd15" for --ckpt, known before anything loads where it is cheap to tell: a model
+  dir's config, a diffusers folder's text_encoder_2/, a .safetensors file's keys. (A pickled
+  SDXL .ckpt is recognised once loaded.)"""
+  from adiff_jax import builtin, model_dir
+  ckpt = args.ckpt
+  if builtin.is_builtin(ckpt) or not ckpt or not os.path.exists(ckpt):
+    return "sd15"
+  if model_dir.is_model_dir(ckpt):
+    return "sdxl" if "text_encoder_2" in model_dir.read_metadata(ckpt).get("configs", {}) else "sd15"
+  if os.path.isdir(ckpt):
+    return "sdxl" if os.path.isdir(os.path.join(ckpt, "text_encoder_2")) else "sd15"
+  if ckpt.endswith(".safetensors"):
+    from safetensors import safe_open
+    from convert_weights.detect import detect_keys
+    try:
+      with safe_open(ckpt, "np") as f:
+        return "sdxl" if detect_keys(list(f.keys())) == "sdxl" else "sd15"
+    except Exception:   # a damaged file: the loader names the problem
+      return "sd15"
+  return "sd15"
+
+
+def resolve_defaults(args: argparse.Namespace, family: str) -> None:
+  """Fill in what the user left unset, per model: the built-in model (64x64, 20 steps), SD1.5
+  (512, 25 DDIM steps, guidance 7.5: the official AnimateDiff settings) or SDXL (1024, 100 Euler
+  steps, guidance 8.5: the official sdxl branch's configs)."""
+  from adiff_jax import builtin
+  if builtin.is_builtin(args.ckpt):
+    size, steps, guidance, scheduler = 64, 20, 7.5, "ddim"
+  elif family == "sdxl":
+    size, steps, guidance, scheduler = 1024, 100, 8.5, "euler"
+  else:
+    size, steps, guidance, scheduler = 512, 25, 7.5, "ddim"
+  if not hasattr(args, "defaulted"):   # what the user left unset (a later call may redo them)
+    args.defaulted = [k for k in ("height", "width", "steps", "guidance_scale", "scheduler")
+                      if getattr(args, k, None) is None]
+  for k in args.defaulted:
+    setattr(args, k, None)
+  args.family = family
+  args.height = args.height or size
+  args.width = args.width or size
+  args.steps = steps if args.steps is None else args.steps
+  args.guidance_scale = guidance if args.guidance_scale is None else args.guidance_scale
+  args.scheduler = args.scheduler or scheduler
+
+
+def schedule_from_inference_config(path: Optional[str], family: str = "sd15"):
+  """noise_scheduler_kwargs of an official inference config (missing file: the official defaults;
+  SDXL: the official sdxl branch's)."""
   from adiff_jax.schedulers import NoiseSchedule
-  sched = NoiseSchedule.animatediff()
+  sched = NoiseSchedule.animatediff_sdxl() if family == "sdxl" else NoiseSchedule.animatediff()
   if not path:
     return sched
   if not os.path.isfile(path):
@@ -331,21 +384,18 @@ def cli_schedule(args: argparse.Namespace):
   """The inference config's schedule with --timestep-spacing / --lcm-original-steps applied;
   the sampler is built once so bad combinations fail before any model is loaded."""
   from adiff_jax.schedulers import make_sampler
-  sched = schedule_from_inference_config(getattr(args, "inference_config", None))
+  sched = schedule_from_inference_config(getattr(args, "inference_config", None),
+                                         getattr(args, "family", "sd15"))
   kw = {}
   if getattr(args, "timestep_spacing", None):
     kw["timestep_spacing"] = args.timestep_spacing
   if getattr(args, "lcm_original_steps", None) is not None:
     kw["original_inference_steps"] = args.lcm_original_steps
   sched = dataclasses.replace(sched, **kw)
-  make_sampler(args.scheduler, sched, default_steps(args) if args.steps is None else args.steps)
+  if args.steps is None or args.scheduler is None:
+    resolve_defaults(args, getattr(args, "family", "sd15"))
+  make_sampler(args.scheduler, sched, args.steps)
   return sched
-
-
-def default_steps(args: argparse.Namespace) -> int:
-  """25 (the official setting); 20 for the built-in model: well under a minute on 2 CPU cores."""
-  from adiff_jax import builtin
-  return 20 if builtin.is_builtin(args.ckpt) else 25
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,13 +552,13 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   from adiff_jax.video_io import grid, save_gif, save_mp4, to_uint8
 
   from adiff_jax import builtin as builtin_lib
-  if args.steps is None:
-    args.steps = default_steps(args)
+  resolve_defaults(args, model_family(args))
   schedule = cli_schedule(args)
   long_video = long_video_options(args)
   travel = [prompt_travel.as_prompt(p) for p in (args.prompt or [])]
   neg_travel = [prompt_travel.as_prompt(p) for p in
                 (getattr(args, "negative", None) or [args.negative_prompt or DEFAULT_NEGATIVE])]
+  neg_given = bool(getattr(args, "negative", None)) or args.negative_prompt is not None
   for p in travel:
     prompt_travel.check(p, args.frames)
   for p in neg_travel:
@@ -517,24 +567,21 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   sparse = keyframes = None
   if sparse_req:   # before the base model: a wrong file or image fails fast
     sparse = load_sparse_ctrl_file(sparse_req)
-    is_b = builtin_lib.is_builtin(args.ckpt)
-    keyframes = load_keyframe_images(sparse_req["images"], args.height or (64 if is_b else 512),
-                                     args.width or (64 if is_b else 512), sparse_req["normalize"])
+    keyframes = load_keyframe_images(sparse_req["images"], args.height,
+                                     args.width, sparse_req["normalize"])
   init_video = None
   if getattr(args, "init_video", None):   # before the base model, as SparseCtrl's inputs
     from adiff_jax.video_io import fit_frames, read_frames
     if not 0.0 <= args.strength <= 1.0:
       raise InputError(f"--strength must be in [0, 1], got {args.strength}")
-    is_b = builtin_lib.is_builtin(args.ckpt)
-    init_video = fit_frames(read_frames(args.init_video), args.frames, args.height or (64 if is_b else 512),
-                            args.width or (64 if is_b else 512), "--init-video", args.init_video)
+    init_video = fit_frames(read_frames(args.init_video), args.frames, args.height,
+                            args.width, "--init-video", args.init_video)
   cn_req = controlnet_request(args)
   if cn_req:   # the control videos before the base model too
     from adiff_jax.video_io import fit_frames, read_frames
-    is_b = builtin_lib.is_builtin(args.ckpt)
     for r in cn_req:
-      r["frames"] = fit_frames(read_frames(r["video"]), args.frames, args.height or (64 if is_b else 512),
-                               args.width or (64 if is_b else 512), "control video", r["video"])
+      r["frames"] = fit_frames(read_frames(r["video"]), args.frames, args.height,
+                               args.width, "control video", r["video"])
   cfg, params, lora, desc = load_model(args)
   controlnets = []
   if cn_req:
@@ -543,8 +590,10 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
       tree, cn_cfg, cn_unet = load_controlnet(r["path"], unet=cfg.unet)
       controlnets.append((cn_cfg, cn_unet, tree))
   builtin = builtin_lib.is_builtin(args.ckpt)
-  h = args.height or (64 if builtin else 512)
-  w = args.width or (64 if builtin else 512)
+  if cfg.is_sdxl and args.family != "sdxl":   # a pickled SDXL file: its defaults now
+    resolve_defaults(args, "sdxl")
+    schedule = cli_schedule(args)
+  h, w = args.height, args.width
   prompts = travel or list(builtin_lib.DEFAULT_PROMPTS if builtin else [""])
   negative = neg_travel * len(prompts) if len(neg_travel) == 1 else neg_travel
   n = args.num_samples
@@ -571,7 +620,7 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
   pipe = Pipeline(cfg, params, lora=lora, dtype=args.dtype, mesh=mesh, attention_impl=args.attention_impl,
                   sparse_ctrl=sparse, controlnets=controlnets)
   pipe.check(sc)
-  print(f"model: {desc}")
+  print(f"model: {desc}{' (SDXL)' if cfg.is_sdxl else ''}")
   control = None
   if sparse_req:
     # RGB keyframes: one VAE posterior draw for all samples (as the official script), from seed 0's key
@@ -603,7 +652,9 @@ def run(args: argparse.Namespace, out_dir: str) -> list[str]:
       print(f"prompt travel ({sc.prompt_interpolation}): {prompt_travel.describe(p)}")
   t0 = time.perf_counter()
   try:
-    frames = to_uint8(pipe(prompts, negative, seeds, sc, control=control,
+    # SDXL without a negative prompt: diffusers' zero unconditional embeddings
+    frames = to_uint8(pipe(prompts, negative if neg_given or not cfg.is_sdxl else None, seeds, sc,
+                           control=control,
                            init_video=None if init_video is None else init_video[None],
                            controlnet_frames=[r["frames"][None] for r in cn_req] or None))
   except FloatingPointError as e:

@@ -56,3 +56,35 @@ def test_sdxl_errors(reference):
   del params["text_encoder_2"]
   with pytest.raises(InputError, match="text_encoder_2"):
     Pipeline(ours.config, params)
+
+
+def test_cli_sdxl_folder_and_motion_adapter(reference, tmp_path, capsys):
+  """sample.py on a diffusers SDXL folder + an SDXL MotionAdapter folder: recognised before
+  loading, the official sdxl defaults (Euler, its betas, guidance 8.5), zeros for the missing
+  negative prompt; the SDXL-only refusals."""
+  import os
+  import sys
+  import yaml
+  from diffusers import StableDiffusionXLPipeline
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import sample
+  from adiff_jax.errors import run_cli
+  from torch_ref import randomize_, tiny_unet2d_sdxl
+  _, pipe = reference
+  base = str(tmp_path / "sdxl")
+  StableDiffusionXLPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2,
+                            tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2,
+                            unet=randomize_(tiny_unet2d_sdxl(), 5), scheduler=pipe.scheduler).save_pretrained(base)
+  mm = str(tmp_path / "mm_sdxl")
+  pipe.motion_adapter.save_pretrained(mm)
+  argv = ["--ckpt", base, "--motion-module", mm, "--frames", "4", "--steps", "2", "--height", "32",
+          "--width", "32", "--seed", "3", "--prompt", "a cat", "--cache-dir", str(tmp_path / "cache")]
+  assert sample.main(argv + ["--out", str(tmp_path / "o")]) == 0
+  out = capsys.readouterr().out
+  assert "(SDXL)" in out and "2 euler steps, guidance 8.5" in out, out
+  (run,) = os.listdir(tmp_path / "o")
+  resolved = yaml.safe_load(open(tmp_path / "o" / run / "config.yaml"))
+  assert resolved["noise_scheduler_kwargs"]["beta_end"] == 0.02
+  assert resolved["noise_scheduler_kwargs"]["beta_schedule"] == "scaled_linear"
+  assert run_cli(sample.main, argv + ["--prompt", "0: a | 2: b"]) == 2
+  assert "not supported with SDXL" in capsys.readouterr().err

@@ -168,14 +168,28 @@ def tiny_controlnet(seed: int = 0, **kw):
   return randomize_(ControlNetModel(**{**base, **kw}), seed).eval()
 
 
+def tiny_unet2d_sdxl():
+  """diffusers UNet2DConditionModel of ModelConfig.tiny_sdxl()'s image UNet (its own init)."""
+  from diffusers import UNet2DConditionModel
+  from adiff_jax.model import ModelConfig
+  u = ModelConfig.tiny_sdxl().unet
+  return UNet2DConditionModel(
+      block_out_channels=u.block_out_channels, layers_per_block=2, attention_head_dim=u.attention_heads,
+      transformer_layers_per_block=u.transformer_depth, cross_attention_dim=u.cross_attention_dim,
+      norm_num_groups=u.norm_num_groups, sample_size=8, use_linear_projection=True,
+      addition_embed_type="text_time", addition_time_embed_dim=u.addition_time_embed_dim,
+      projection_class_embeddings_input_dim=u.projection_class_embeddings_input_dim,
+      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+
+
 def tiny_animatediff_sdxl(tok_dir):
   """(ModelConfig.tiny_sdxl(), our params, diffusers AnimateDiffSDXLPipeline) with the same random
   tiny weights: both text encoders (the second with projection), the SDXL-layout UNet with its
   motion adapter (motion GroupNorm pooled over frames in both: the official SDXL code's), SDXL VAE
   scaling, the official sdxl-branch Euler settings."""
   import torch
-  from diffusers import (AnimateDiffSDXLPipeline, EulerDiscreteScheduler, MotionAdapter,
-                         UNet2DConditionModel, UNetMotionModel)
+  from diffusers import AnimateDiffSDXLPipeline, EulerDiscreteScheduler, MotionAdapter, UNetMotionModel
   from transformers import CLIPTokenizer as HFTokenizer
   from transformers import CLIPTextConfig as HFConfig, CLIPTextModel, CLIPTextModelWithProjection
   from adiff_jax.model import ModelConfig
@@ -185,14 +199,7 @@ def tiny_animatediff_sdxl(tok_dir):
   torch.manual_seed(0)
   cfg = ModelConfig.tiny_sdxl()
   u = cfg.unet
-  unet2d = UNet2DConditionModel(
-      block_out_channels=u.block_out_channels, layers_per_block=2, attention_head_dim=u.attention_heads,
-      transformer_layers_per_block=u.transformer_depth, cross_attention_dim=u.cross_attention_dim,
-      norm_num_groups=u.norm_num_groups, sample_size=8, use_linear_projection=True,
-      addition_embed_type="text_time", addition_time_embed_dim=u.addition_time_embed_dim,
-      projection_class_embeddings_input_dim=u.projection_class_embeddings_input_dim,
-      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+  unet2d = tiny_unet2d_sdxl()
   adapter = MotionAdapter(block_out_channels=u.block_out_channels, motion_layers_per_block=2,
                           motion_num_attention_heads=cfg.motion.num_heads,
                           motion_norm_num_groups=cfg.motion.norm_groups, motion_max_seq_length=32,
