@@ -105,3 +105,28 @@ def merge_lora(params: Pytree, lora: Pytree) -> Pytree:
                                                 * jnp.asarray(up, jnp.float32))
     flat_p[key] = (jnp.asarray(w, jnp.float32) + delta).astype(w.dtype)
   return unflatten(flat_p)
+
+
+def check_lora_fits(lora: Pytree, params: Pytree, what: str) -> None:
+  """Every layer of `lora` must exist in the UNet tree `params` with matching sizes; layers of a
+  part `params` does not hold (its motion module, or its image layers) are not checked. Flax
+  would silently ignore a LoRA layer the model lacks (e.g. an SD1.5 MotionLoRA's 4th level on the
+  3-level SDXL motion module): this names it instead."""
+  flat_p = flatten(params)
+  has_mm = any(is_motion_module(p) for p in flat_p)
+  has_image = any(not is_motion_module(p) for p in flat_p)
+  sdxl_mm = has_mm and not any(p.startswith("down_blocks_3/motion_modules_") for p in flat_p) \
+      and any(p.startswith("down_blocks_2/motion_modules_") for p in flat_p)
+  for path, v in flatten(lora).items():
+    layer, kind = path.rsplit("/", 1)
+    mm = is_motion_module(layer)
+    if not (has_mm if mm else has_image) or kind == "scale":
+      continue
+    hint = (" (an SD1.5 MotionLoRA on the SDXL motion module? A MotionLoRA is trained for one "
+            "motion module: the SDXL one has 3 levels, 320/640/1280 channels)") if mm and sdxl_mm else ""
+    k = flat_p.get(layer + "/kernel")
+    if k is None:
+      raise InputError(f"{what}: targets {layer}, which the model does not have{hint}")
+    if kind == "down" and v.shape[0] != k.shape[0] or kind == "up" and v.shape[1] != k.shape[1]:
+      raise InputError(f"{what}: shape mismatch at {layer}/{kind}: LoRA {list(v.shape)}, layer kernel "
+                       f"{list(k.shape)}{hint}")

@@ -211,8 +211,12 @@ def load(path: str, motion_module: Optional[str] = None,
                      "convert the whole SDXL base model (python -m convert_weights to-orbax --base ...)")
   params = {k: v for k, v in params.items() if v is not None and (k != "unet" or flatten(v))}
 
-  adapters = [(t, 1.0) for t in _loras_of(path)]
+  adapters = [(t, 1.0, path) for t in _loras_of(path)]
   for d, alpha in list(motion_loras) + ([domain_adapter] if domain_adapter else []):
-    adapters += [(t, float(alpha)) for t in _loras_of(d)]
+    adapters += [(t, float(alpha), d) for t in _loras_of(d)]
+  if "unet" in params:
+    for t, _, d in adapters:
+      lora_lib.check_lora_fits(t, params["unet"], d)
+  adapters = [(t, a) for t, a, _ in adapters]
   lora = lora_lib.combine_loras(adapters) if adapters else None
   return config, params, lora, meta

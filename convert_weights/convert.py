@@ -69,24 +69,24 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
     info = {}
     b = base.load_base_model(base_path, info=info, progress=progress, overrides=overrides)
     notes += info.get("notes", [])
-    unet, text = b["unet"], b.get("text_encoder")
+    parts = {n: b[n] for n in ("unet", "text_encoder", "text_encoder_2") if n in b}
     for path, alpha in loras:
       log(f"merging kohya LoRA {path} (multiplier {alpha}, {'kohya alpha/rank' if kohya_scaling else 'official'} scaling)")
       known = known_file(path, "kohya_lora")
       if known:
         log(f"  {known[1]}: {known[2]}")
       linfo = {}
-      unet, text = lora_files.merge_kohya_lora(unet, text, path, alpha, kohya_scaling, linfo)
+      parts = lora_files.merge_kohya_lora_parts(parts, path, alpha, kohya_scaling, linfo)
       notes += linfo.get("notes", [])
       meta.setdefault("kohya_loras", []).append({"source": source_record(path), "alpha": alpha,
                                                  "scaling": "kohya" if kohya_scaling else "official"})
-    items["unet"] = cast_tree(unet, dtype)
+    items["unet"] = cast_tree(parts["unet"], dtype)
     meta["configs"]["unet"] = to_dict(b["unet_config"])
-    if text is not None:
-      items["text_encoder"] = cast_tree(text, dtype)
+    if parts.get("text_encoder") is not None:
+      items["text_encoder"] = cast_tree(parts["text_encoder"], dtype)
       meta["configs"]["text_encoder"] = to_dict(b["text_config"])
-    if "text_encoder_2" in b:  # SDXL
-      items["text_encoder_2"] = cast_tree(b["text_encoder_2"], dtype)
+    if "text_encoder_2" in parts:  # SDXL
+      items["text_encoder_2"] = cast_tree(parts["text_encoder_2"], dtype)
       meta["configs"]["text_encoder_2"] = to_dict(b["text_config_2"])
     if "vae" in b:
       items["vae"] = cast_tree(b["vae"], dtype)

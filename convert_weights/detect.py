@@ -26,7 +26,7 @@ FORMATS = {
     "unet_with_motion_modules": "whole video-UNet state dict (official train.py output); motion modules are taken",
     "motion_lora": "AnimateDiff MotionLoRA (processor LoRA on the temporal attention)",
     "domain_adapter": "AnimateDiff v3 domain adapter (processor LoRA on the spatial attention)",
-    "kohya_lora": "kohya / A1111 LoRA (lora_unet_* / lora_te_*)",
+    "kohya_lora": "kohya / A1111 LoRA (lora_unet_* / lora_te_*; SDXL: lora_te1_* / lora_te2_*)",
     "diffusers_unet": "diffusers UNet2DConditionModel state dict",
     "unknown": "unknown format",
 }
@@ -36,7 +36,7 @@ def detect_keys(keys) -> str:
   keys = list(keys)
   has = lambda s: any(s in k for k in keys)
   starts = lambda p: any(k.startswith(p) for k in keys)
-  if starts("lora_unet_") or starts("lora_te_"):
+  if starts("lora_unet_") or starts("lora_te_") or starts("lora_te1_") or starts("lora_te2_"):
     return "kohya_lora"
   if controlnet_keys.is_ldm_controlnet(keys):   # before "ldm": a v1.0 file also holds an SD model
     return "controlnet_ldm"

@@ -10,6 +10,11 @@ from convert_weights import io, ldm, sdxl_keys
 from convert_weights.detect import (FORMATS, SDXL_BASE_NAME, SDXL_MOTION_NAME, controlnet_name, detect_keys,
                                     is_sdxl_folder, known_file, motion_module_family, sparse_ctrl_name)
 from convert_weights.errors import ConversionError, few
+from convert_weights.lora_files import kohya_lora_family
+
+KOHYA_FAMILY = {"sdxl": "SDXL LoRA (UNet in LDM or diffusers names; lora_te1_ CLIP-L, lora_te2_ OpenCLIP bigG)",
+                "sd15": "SD1.5 LoRA",
+                "unknown": "LoRA for an unknown base model (no text-encoder or cross-attention layers)"}
 
 
 def _summary(sd: dict) -> list[str]:
@@ -66,7 +71,7 @@ def _unknown(sd: dict, fmt: str) -> list[str]:
   if fmt.startswith("motion_module"):
     return [k for k in sd if "motion_modules." not in k]
   if fmt == "kohya_lora":
-    return [k for k in sd if not k.startswith(("lora_unet_", "lora_te_"))]
+    return [k for k in sd if not k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))]
   return []
 
 
@@ -98,6 +103,8 @@ def inspect(path: str, check: bool = True) -> str:
       lines.append(f"model: {SDXL_BASE_NAME}")
     if fmt.startswith("controlnet"):
       lines.append(f"model: {controlnet_name(sd)}")
+    if fmt == "kohya_lora":
+      lines.append(f"model: {KOHYA_FAMILY[kohya_lora_family(sd)]}")
     if ((fmt.startswith("motion_module") or fmt == "unet_with_motion_modules")
         and motion_module_family(sd) == "sdxl"):
       lines.append(f"model: {SDXL_MOTION_NAME}")

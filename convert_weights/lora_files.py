@@ -11,8 +11,11 @@ Processor-LoRA key table (one per layer, file shapes in brackets):
 an export writes back the same bytes; the strength lives in `scale` only.
 
 kohya (`lora_unet_<module path with _>.lora_{down,up}.weight`, `.alpha`): merged into the
-weights. Default (the official AnimateDiff `convert_lora`): W += multiplier * up @ down, the
-per-layer `.alpha` is IGNORED. With kohya_scaling=True: W += multiplier * (alpha / rank) * up @ down
+weights. UNet module paths in diffusers names (SD1.5) or LDM / SGM names (kohya sd-scripts' SDXL
+LoRAs: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`); text encoders `lora_te_`
+(SD1.5), `lora_te1_` (SDXL CLIP-L) and `lora_te2_` (SDXL OpenCLIP bigG, transformers names).
+Default (the official AnimateDiff `convert_lora`): W += multiplier * up @ down, the per-layer
+`.alpha` is IGNORED. With kohya_scaling=True: W += multiplier * (alpha / rank) * up @ down
 (sd-scripts / A1111 semantics).
 """
 from __future__ import annotations
@@ -22,12 +25,12 @@ from typing import Optional
 
 import numpy as np
 
-from convert_weights import io
+from convert_weights import io, ldm
 from convert_weights.detect import detect_keys
 from convert_weights.errors import ConversionError, few
 from convert_weights.motion_module_keys import diffusers_to_official
 from adiff_jax.params import flatten, unflatten
-from convert_weights.tree import torch_key_to_path, torch_to_flax_array
+from convert_weights.tree import path_to_torch_key, torch_key_to_path, torch_to_flax_array
 
 _PROC = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _TARGET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -68,7 +71,6 @@ def lora_tree_from_state_dict(sd: dict, alpha: float) -> dict:
 
 def lora_state_dict(tree: dict) -> dict:
   """Our lora tree -> processor-LoRA state dict (inverse of `lora_tree_from_state_dict`)."""
-  from convert_weights.tree import path_to_torch_key
   out = {}
   inv = {v: k for k, v in _TARGET.items()}
   for path, v in flatten(tree).items():
@@ -92,16 +94,13 @@ def load_domain_adapter(path: str, scale: float = 1.0, info: Optional[dict] = No
 
 
 def check_lora_targets(lora: dict, params: dict, what: str) -> None:
-  """Every LoRA layer must exist in the model with matching in/out sizes."""
-  flat_p = flatten(params)
-  for path, v in flatten(lora).items():
-    layer, kind = path.rsplit("/", 1)
-    k = flat_p.get(layer + "/kernel")
-    if k is None:
-      raise ConversionError(f"{what}: targets {layer}, which the model does not have")
-    if kind == "down" and v.shape[0] != k.shape[0] or kind == "up" and v.shape[1] != k.shape[1]:
-      raise ConversionError(f"{what}: shape mismatch at {layer}/{kind}: LoRA {list(v.shape)}, "
-                            f"layer kernel {list(k.shape)}")
+  """Every LoRA layer must exist in the model with matching in/out sizes (`adiff_jax.lora.check_lora_fits`)."""
+  from adiff_jax.errors import InputError
+  from adiff_jax.lora import check_lora_fits
+  try:
+    check_lora_fits(lora, params, what)
+  except InputError as e:
+    raise ConversionError(str(e)) from None
 
 
 def export_lora(tree: dict, path: str) -> None:
@@ -110,73 +109,142 @@ def export_lora(tree: dict, path: str) -> None:
 
 
 # ---------------------------------------------------------------- kohya
-def _kohya_index(params: dict) -> dict[str, str]:
+# File name prefix -> the model part it targets. SD1.5 LoRAs use lora_te_ for their one CLIP; SDXL
+# LoRAs (kohya sd-scripts' LORA_PREFIX_TEXT_ENCODER1/2) lora_te1_ for CLIP-L and lora_te2_ for the
+# OpenCLIP bigG encoder in transformers' names (text_model_encoder_layers_N_mlp_fc1, ...).
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
+
+
+def _kohya_prefix(name: str) -> Optional[str]:
+  return next((p for p in KOHYA_PREFIXES if name.startswith(p)), None)
+
+
+def _kohya_index(params: dict, ldm_names: bool = False) -> dict[str, str]:
   """'down_blocks_0_attentions_0_proj_in' -> 'down_blocks_0/attentions_0/proj_in': our paths
-  joined by '_' are exactly kohya's module names (both join list indices with '_')."""
+  joined by '_' are exactly kohya's module names for SD1.5 (both join list indices with '_').
+
+  ldm_names (UNet): also the LDM / SGM names, which kohya sd-scripts uses for SDXL (it trains
+  SDXL on its own SGM UNet): 'input_blocks_4_1_transformer_blocks_0_attn1_to_q',
+  'input_blocks_1_0_in_layers_2' (conv1), 'output_blocks_2_2_conv' (an upsampler),
+  'time_embed_0', 'label_emb_0_0', 'out_2' (conv_out) -- the `ldm.py` table with '.' -> '_'."""
   out = {}
   for p in flatten(params):
     layer, leaf = p.rsplit("/", 1)
     if leaf == "kernel":
       out[layer.replace("/", "_")] = layer
+  if ldm_names and any(k.startswith("up_blocks_") for k in out):
+    layers = {path_to_torch_key(tuple(layer.split("/")) + ("kernel",)): layer for layer in set(out.values())}
+    for ldm_key, layer in ldm.unet_diffusers_to_ldm(layers).items():
+      out.setdefault(ldm_key[:-len(".weight")].replace(".", "_"), layer)
   return out
 
 
 def _delta(up: np.ndarray, down: np.ndarray) -> np.ndarray:
-  """up @ down in torch layout: linear (out, in); conv (out, in, kh, kw)."""
+  """up @ down in torch layout: linear (out, in); conv (out, in, kh, kw). A 3x3 LoCon layer
+  (down (r, in, 3, 3), up (out, r, 1, 1)) gives sum_r up[o, r] * down[r, i, kh, kw], what kohya's
+  merge_to computes as conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)."""
   up32, down32 = up.astype(np.float32), down.astype(np.float32)
   r = down32.shape[0]
   d = up32.reshape(up32.shape[0], r) @ down32.reshape(r, -1)
   return d.reshape((up32.shape[0],) + down32.shape[1:]) if down32.ndim == 4 else d
 
 
-def merge_kohya_lora(params_unet: Optional[dict], params_text: Optional[dict], path: str,
-                     alpha: float = 0.8, kohya_scaling: bool = False,
-                     info: Optional[dict] = None) -> tuple[Optional[dict], Optional[dict]]:
-  """Merge a kohya LoRA into the UNet and text-encoder trees; returns new trees (inputs untouched).
+def kohya_lora_family(sd: dict) -> str:
+  """'sdxl', 'sd15' or 'unknown': SDXL LoRAs name their encoders lora_te1_ / lora_te2_ (SD1.5's:
+  lora_te_); a UNet-only file by its cross-attention input width (2048: SDXL; 768: SD1.5)."""
+  keys = list(sd)
+  if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+    return "sdxl"
+  if any(k.startswith("lora_te_") for k in keys):
+    return "sd15"
+  widths = {int(np.shape(v)[1]) for k, v in sd.items()
+            if k.startswith("lora_unet_") and "attn2_to_k.lora_down" in k and len(np.shape(v)) >= 2}
+  return "sdxl" if 2048 in widths else "sd15" if 768 in widths else "unknown"
 
-  alpha is the multiplier (the official repo's `lora_alpha`, default 0.8). See the module
-  docstring for the scaling choice.
+
+def _family_hint(lora_family: str, model_family: str) -> str:
+  if "unknown" in (lora_family, model_family) or lora_family == model_family:
+    return ""
+  name = {"sdxl": "SDXL", "sd15": "SD1.5"}
+  return f" (an {name[lora_family]} LoRA on an {name[model_family]} model?)"
+
+
+def merge_kohya_lora_parts(params: dict, path: str, alpha: float = 0.8, kohya_scaling: bool = False,
+                           info: Optional[dict] = None) -> dict:
+  """Merge a kohya / A1111 LoRA into a base model's parts; returns new trees (inputs untouched).
+
+  params: {"unet", "text_encoder"[, "text_encoder_2"]} (any subset; SDXL: both encoders).
+  lora_unet_ layers resolve by diffusers names (SD1.5 kohya, some SDXL trainers) or LDM / SGM
+  names (kohya sd-scripts' SDXL LoRAs); lora_te_ / lora_te1_ go to "text_encoder", lora_te2_ to
+  "text_encoder_2". alpha is the multiplier (the official repo's `lora_alpha`, default 0.8); see
+  the module docstring for the scaling choice. Layers the model does not have are an error.
   """
   sd = io.load_torch_file(path, info)
   if detect_keys(sd) != "kohya_lora":
-    raise ConversionError(f"{path}: not a kohya LoRA (no lora_unet_* / lora_te_* keys)")
+    raise ConversionError(f"{path}: not a kohya LoRA (no lora_unet_* / lora_te_* / lora_te1_* / lora_te2_* keys)")
   odd = [k for k in sd if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
   if odd:
     raise ConversionError(f"{path}: unsupported LoRA tensors (LoHa / LoKr / DoRA?): {few(odd)}")
-  targets = {"lora_unet_": (params_unet, _kohya_index(params_unet or {})),
-             "lora_te_": (params_text, _kohya_index(params_text or {}))}
-  flats = {"lora_unet_": flatten(params_unet or {}), "lora_te_": flatten(params_text or {})}
-  unmatched, merged = [], 0
+  model_family = "sdxl" if "text_encoder_2" in params or "add_embedding" in (params.get("unet") or {}) \
+      else "sd15" if params.get("unet") or params.get("text_encoder") else "unknown"
+  hint = _family_hint(kohya_lora_family(sd), model_family)
+  index = {part: _kohya_index(tree, ldm_names=part == "unet") for part, tree in params.items() if tree is not None}
+  flats = {part: flatten(tree) for part, tree in params.items() if tree is not None}
+  unmatched, merged, ignored_alpha = [], 0, set()
   for k in sd:
     if not k.endswith(".lora_down.weight"):
       continue
     name = k[:-len(".lora_down.weight")]
-    prefix = "lora_unet_" if name.startswith("lora_unet_") else "lora_te_"
-    params, index = targets[prefix]
-    layer = index.get(name[len(prefix):])
-    if layer is None and prefix == "lora_te_":  # some trainers omit text_model_
-      layer = index.get("text_model_" + name[len(prefix):])
-    if layer is None or params is None:
+    prefix = _kohya_prefix(name)
+    part = KOHYA_PREFIXES.get(prefix)
+    short = name[len(prefix):] if prefix else name
+    idx = index.get(part, {})
+    layer = idx.get(short)
+    if layer is None and part != "unet":  # some trainers omit text_model_
+      layer = idx.get("text_model_" + short)
+    if layer is None:
       unmatched.append(name)
       continue
     down, up = sd[k], sd.get(name + ".lora_up.weight")
     if up is None:
       raise ConversionError(f"{path}: {name} has lora_down but no lora_up")
     scale = alpha
-    if kohya_scaling and name + ".alpha" in sd:
-      scale = alpha * float(np.asarray(sd[name + ".alpha"], np.float32).reshape(-1)[0]) / down.shape[0]
-    flat = flats[prefix]
+    if name + ".alpha" in sd:
+      ratio = float(np.asarray(sd[name + ".alpha"], np.float32).reshape(-1)[0]) / down.shape[0]
+      if kohya_scaling:
+        scale = alpha * ratio
+      elif ratio != 1.0:
+        ignored_alpha.add(round(ratio, 6))
+    flat = flats[part]
     kernel = flat[layer + "/kernel"]
     delta = torch_to_flax_array("kernel", _delta(up, down))
     if delta.size != kernel.size:
       raise ConversionError(f"{path}: shape mismatch at {name}: LoRA delta {list(delta.shape)} "
-                            f"vs layer kernel {list(kernel.shape)}")
+                            f"vs layer kernel {list(kernel.shape)}{hint}")
     delta = delta.reshape(kernel.shape)  # e.g. 1x1 conv LoRA onto a (1, 1, in, out) kernel
     flat[layer + "/kernel"] = (np.asarray(kernel, np.float32) + scale * delta).astype(kernel.dtype)
     merged += 1
   if unmatched:
-    raise ConversionError(f"{path}: LoRA layers not found in the model: {few(unmatched)}")
+    parts = {KOHYA_PREFIXES[p] for n in unmatched if (p := _kohya_prefix(n))}
+    missing = sorted(p for p in parts if p not in index)
+    extra = f"; the model has no {', '.join(missing)}" if missing else ""
+    raise ConversionError(f"{path}: LoRA layers not found in the model: {few(unmatched)}{extra}{hint}")
   if info is not None:
-    info.setdefault("notes", []).append(f"merged {merged} kohya LoRA layers from {path}")
-  return (unflatten(flats["lora_unet_"]) if params_unet is not None else None,
-          unflatten(flats["lora_te_"]) if params_text is not None else None)
+    notes = info.setdefault("notes", [])
+    notes.append(f"merged {merged} kohya LoRA layers from {path}")
+    if ignored_alpha:
+      notes.append(f"{path}: its alpha/rank ({', '.join(map(str, sorted(ignored_alpha)))}) is ignored by the "
+                   "default (official AnimateDiff) scaling; --kohya-scaling applies it (A1111 / ComfyUI / "
+                   "diffusers semantics)")
+  return {part: (unflatten(flats[part]) if part in flats else None) for part in params}
+
+
+def merge_kohya_lora(params_unet: Optional[dict], params_text: Optional[dict], path: str,
+                     alpha: float = 0.8, kohya_scaling: bool = False,
+                     info: Optional[dict] = None) -> tuple[Optional[dict], Optional[dict]]:
+  """SD1.5 form of `merge_kohya_lora_parts`: (unet, text_encoder) in, (unet, text_encoder) out
+  (lora_te2_ layers are reported as not found)."""
+  out = merge_kohya_lora_parts({"unet": params_unet, "text_encoder": params_text}, path, alpha,
+                               kohya_scaling, info)
+  return out["unet"], out["text_encoder"]

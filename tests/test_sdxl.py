@@ -2,6 +2,7 @@
 AnimateDiff SDXL motion module (motion-module GroupNorm pooled over frames), against diffusers'
 UNet2DConditionModel / UNetMotionModel with random weights; the motion-module file layout."""
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -232,3 +233,75 @@ def test_motion_adapter_folder_round_trip(motion_ref, tmp_path):
   assert version == "sdxl" and cfg2 == cfg
   for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(tree2)):
     assert np.array_equal(a, b)
+
+
+def motion_lora_file(ref, seed: int, rank: int = 2, extra_level: bool = False) -> dict:
+  """A MotionLoRA in the official processor layout (`...attention_blocks.N.processor.to_q_lora.
+  down.weight`) on the temporal attention of `ref`'s motion modules. extra_level: also a 4th level
+  (down_blocks.3 / up_blocks.3), as every SD1.5 MotionLoRA has."""
+  rng = np.random.default_rng(seed)
+  sd = {}
+  for name, m in ref.named_modules():
+    if not re.search(r"motion_modules\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name):
+      continue
+    off = diffusers_to_official(name + ".weight")[:-len(".weight")]
+    mod, proj = (off[:-len(".to_out.0")], "to_out") if off.endswith(".to_out.0") else off.rsplit(".", 1)
+    names = [mod] + ([mod.replace("down_blocks.2.", "down_blocks.3.").replace("up_blocks.2.", "up_blocks.3.")]
+                     if extra_level and ("down_blocks.2." in mod or "up_blocks.2." in mod) else [])
+    for n in names:
+      sd[f"{n}.processor.{proj}_lora.down.weight"] = rng.standard_normal((rank, m.in_features)).astype(np.float32)
+      sd[f"{n}.processor.{proj}_lora.up.weight"] = rng.standard_normal((m.out_features, rank)).astype(np.float32) * 0.1
+  return sd
+
+
+def test_motion_lora_on_the_sdxl_motion_module(motion_ref, tmp_path):
+  """The official sdxl branch applies no MotionLoRAs (no motion_module_lora_configs; none were
+  published), but a MotionLoRA in the official layout made for the SDXL motion module converts and
+  targets exactly the kernels the official merge W += alpha * up @ down changes (checked on the
+  weights: the runtime LoRA layer itself is tested on SD1.5); an SD1.5 MotionLoRA (4 levels) is
+  refused, at conversion and when a converted one is loaded beside the SDXL motion module."""
+  import copy
+  from adiff_jax import model_dir
+  from convert_weights import convert
+  from convert_weights.errors import ConversionError
+  quiet = dict(log=lambda s: None)
+  mm = str(tmp_path / "mm_sdxl.safetensors")
+  io.save_torch_file(official_layout(motion_ref), mm)
+  sd = motion_lora_file(motion_ref, 3)
+  assert len(sd) == 2 * 4 * 2 * (6 + 9)   # down/up x q,k,v,out x 2 attention blocks x 15 modules
+  src = str(tmp_path / "motion_lora_sdxl.safetensors")
+  io.save_torch_file(sd, src)
+  out = str(tmp_path / "mm_dir")
+  convert.to_orbax(out, motion_module=mm, motion_loras=[(src, 0.7)], mm_version="sdxl",
+                   overrides={"motion_module": {"num_heads": 2, "norm_groups": 8}}, **quiet)
+  cfg, params, lora, _ = model_dir.load(out, parts=())
+  assert cfg.motion == MM and lora is not None
+  # torch reference: the LoRA merged into the diffusers motion attention
+  ref = copy.deepcopy(motion_ref)
+  official = {diffusers_to_official(n + ".weight")[:-len(".weight")]: m for n, m in ref.named_modules()
+              if "motion_modules." in n and isinstance(m, torch.nn.Linear)}
+  for k in sd:
+    if k.endswith("down.weight"):
+      mod, proj = k.split(".processor.")
+      proj = proj.split("_lora.")[0]
+      w = official[f"{mod}.{'to_out.0' if proj == 'to_out' else proj}"].weight
+      w.data += 0.7 * torch.from_numpy(sd[k.replace("down.weight", "up.weight")] @ sd[k])
+  # our runtime LoRA folded into the kernels (what LoRADense computes) = the torch model's merged weights
+  from adiff_jax.lora import merge_lora
+  before = unet_params_from_diffusers(motion_ref)
+  merged, want, before = flatten(merge_lora(before, lora)), flatten(unet_params_from_diffusers(ref)), flatten(before)
+  assert sorted(merged) == sorted(want)
+  err = max(float(np.abs(np.asarray(merged[k]) - want[k]).max()) for k in want)
+  moved = sum(not np.array_equal(np.asarray(merged[k]), before[k]) for k in want)
+  print(f"SDXL motion module + MotionLoRA: max abs err on the merged weights {err:.2e}, {moved} kernels moved")
+  assert err < 1e-6 and moved == len(sd) // 2
+  # an SD1.5 MotionLoRA (a 4th level) on the SDXL motion module: refused, not silently half-applied
+  bad = str(tmp_path / "sd15_style.safetensors")
+  io.save_torch_file(motion_lora_file(motion_ref, 4, extra_level=True), bad)
+  with pytest.raises(ConversionError, match=r"down_blocks_3/motion_modules_0.*SD1.5 MotionLoRA on the SDXL motion module"):
+    convert.to_orbax(str(tmp_path / "x"), motion_module=mm, motion_loras=[(bad, 1.0)], mm_version="sdxl",
+                     overrides={"motion_module": {"num_heads": 2, "norm_groups": 8}}, **quiet)
+  lora_dir = str(tmp_path / "lora_dir")
+  convert.to_orbax(lora_dir, motion_loras=[(bad, 1.0)], **quiet)   # alone: nothing to check it against
+  with pytest.raises(InputError, match=r"lora_dir: targets down_blocks_3/motion_modules_0.*SDXL motion module"):
+    model_dir.load(out, parts=(), motion_loras=[(lora_dir, 1.0)])

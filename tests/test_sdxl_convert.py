@@ -19,7 +19,7 @@ from adiff_jax import model_dir
 from adiff_jax.model import ModelConfig
 from adiff_jax.params import flatten
 from adiff_jax.sdxl_text import sdxl_tokenizers
-from convert_weights import convert as pipeline, io, ldm, sd_base as base, sdxl_keys
+from convert_weights import convert as pipeline, io, ldm, lora_files, sd_base as base, sdxl_keys
 from convert_weights.detect import detect_keys
 from convert_weights.errors import ConversionError
 from convert_weights.inspect_cmd import inspect
@@ -229,6 +229,169 @@ def test_inspect_names_sdxl(sdxl_file, sdxl_folder):
   assert "conversion check: ok; converts: unet, vae, text_encoder, text_encoder_2 (SDXL)" in text
   text = inspect(sdxl_folder, check=False)   # (the same loader as the round trip above)
   assert "format: diffusers_folder" in text and "model: SDXL base model" in text and "  text_encoder_2: " in text
+
+
+# ---------------------------------------------------------------- kohya / A1111 LoRAs
+# kohya sd-scripts' LoRANetwork targets every Linear / Conv2d inside these modules (LoCon: the 3x3
+# convs too); text encoders: CLIPAttention and CLIPMLP.
+KOHYA_UNET_MODULES = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+KOHYA_TEXT_MODULES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+
+
+def kohya_targets(models, naming: str) -> dict:
+  """{kohya layer name: (part, torch module)} of the tiny SDXL models. naming "ldm": kohya
+  sd-scripts' SDXL names (its SGM UNet: input_blocks / middle_block / output_blocks); "diffusers":
+  the diffusers module paths some SDXL trainers write. The names are generated here; which module a
+  name means is decided below by diffusers' own kohya loader, not by this table."""
+  unet, _, te1, te2 = models
+  out, linear = {}, (torch.nn.Linear, torch.nn.Conv2d)
+  mods = {}
+  for name, m in unet.named_modules():
+    if type(m).__name__ in KOHYA_UNET_MODULES:
+      mods.update({f"{name}.{c}": cm for c, cm in m.named_modules() if c and isinstance(cm, linear)})
+  names = {n: n for n in mods}
+  if naming == "ldm":   # (the LDM table is checked against diffusers' single-file converter above)
+    names = {v: k[:-len(".weight")] for k, v in ldm.unet_diffusers_to_ldm({n + ".weight": n for n in mods}).items()}
+  for n, m in mods.items():
+    out["lora_unet_" + names[n].replace(".", "_")] = ("unet", m)
+  for prefix, part, te in (("lora_te1_", "text_encoder", te1), ("lora_te2_", "text_encoder_2", te2)):
+    for name, m in te.named_modules():
+      if type(m).__name__ in KOHYA_TEXT_MODULES:
+        for c, cm in m.named_children():
+          if isinstance(cm, torch.nn.Linear):
+            layer = "text_model." + f"{name}.{c}"[f"{name}.{c}".index("encoder."):]
+            out[prefix + layer.replace(".", "_")] = (part, cm)
+  return out
+
+
+def kohya_file(targets: dict, seed: int, dtype=np.float16) -> dict:
+  """Random LoRA tensors as kohya writes them: lora_down (r, in[, kh, kw]), lora_up (out, r[, 1, 1]),
+  alpha (a scalar, != r)."""
+  rng = np.random.default_rng(seed)
+  sd = {}
+  for i, (name, (_, m)) in enumerate(sorted(targets.items())):
+    w = m.weight
+    r = 2 + i % 3
+    sd[name + ".lora_down.weight"] = (0.3 * rng.standard_normal((r,) + tuple(w.shape[1:]))).astype(dtype)
+    sd[name + ".lora_up.weight"] = (0.3 * rng.standard_normal((w.shape[0], r) + (1, 1) * (w.ndim == 4))).astype(dtype)
+    sd[name + ".alpha"] = np.array(1.0 + i % 4, np.float32)
+  return sd
+
+
+def reference_merge(models, sd: dict, multiplier: float, kohya_scaling: bool) -> dict:
+  """Our trees of the torch models with the LoRA fused by kohya's merge_to formula, each layer's
+  module found by diffusers' own SDXL kohya loader (StableDiffusionXLPipeline.lora_state_dict:
+  _maybe_map_sgm_blocks_to_diffusers + _convert_non_diffusers_lora_to_diffusers)."""
+  import copy
+  from diffusers import StableDiffusionXLPipeline
+  fused = [copy.deepcopy(m) for m in models]
+  unet, _, te1, te2 = fused
+  roots = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2}
+  text_names = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+  layers = {}
+  for k, v in sd.items():
+    layers.setdefault(k.split(".")[0], {})[k] = torch.from_numpy(np.asarray(v, np.float32))
+  for name, one in sorted(layers.items()):
+    conv, _ = StableDiffusionXLPipeline.lora_state_dict(dict(one), unet_config=unet.config)
+    (key,) = [k for k in conv if ".down." in k]
+    part, mod = key.split(".", 1)
+    mod = mod.replace(".processor.", ".")
+    for suffix in (".lora.down.weight", ".lora_linear_layer.down.weight"):
+      mod = mod[:-len(suffix)] if mod.endswith(suffix) else mod
+    for proc, proj in text_names.items():
+      if mod.endswith("." + proc + ".down.weight"):
+        mod = mod[:-len(proc + ".down.weight")] + (proj if part != "unet" else
+                                                   {"to_out_lora": "to_out.0"}.get(proc, proc[:-5]))
+    down, up = one[name + ".lora_down.weight"], one[name + ".lora_up.weight"]
+    if not hasattr(roots[part], "text_model"):   # transformers v5's CLIPTextModel has no text_model level
+      mod = mod.replace("text_model.", "", 1)
+    module = roots[part].get_submodule(mod)
+    w = module.weight.data
+    scale = multiplier * (float(one[name + ".alpha"]) / down.shape[0] if kohya_scaling else 1.0)
+    if w.ndim == 2:
+      delta = up @ down
+    elif down.shape[2:] == (1, 1):
+      delta = (up[:, :, 0, 0] @ down[:, :, 0, 0])[:, :, None, None]
+    else:
+      delta = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+    module.weight.data = w + scale * delta
+  return {"unet": base.tree_from_diffusers(unet.state_dict(), "unet"),
+          "text_encoder": base.tree_from_diffusers(te1.state_dict(), "text_encoder"),
+          "text_encoder_2": base.tree_from_diffusers(te2.state_dict(), "text_encoder_2")}
+
+
+def assert_trees_close(got, want, what, tol=1e-5):
+  fa, fb = flatten(got), flatten(want)
+  assert sorted(fa) == sorted(fb), (what, set(fa) ^ set(fb))
+  err = max(float(np.abs(np.asarray(fa[k], np.float64) - fb[k]).max()) for k in fa)
+  print(f"{what}: max abs err {err:.2e}")
+  assert err < tol, what
+
+
+@pytest.mark.parametrize("naming", ["ldm", "diffusers"])
+def test_sdxl_kohya_lora_merged_as_diffusers_reads_it(models, want, sdxl_file, tmp_path, naming,
+                                                       monkeypatch):
+  """A kohya SDXL LoRA (UNet attention, feed-forward, projections, ResNet 3x3 and 1x1 convs, time
+  embedding projections, down/upsamplers; both text encoders) merged by us equals the same file
+  fused into the torch models by hand, layer by layer as diffusers' kohya loader names them.
+  LDM names go through `to-orbax --lora --kohya-scaling` (base loader stubbed); diffusers names
+  through `merge_kohya_lora_parts` with the default (official, alpha ignored) scaling."""
+  targets = kohya_targets(models, naming)
+  sd = kohya_file(targets, seed=7)
+  names = {k.split(".")[0] for k in sd}
+  if naming == "ldm":   # real kohya sd-scripts SDXL names
+    for n in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "lora_unet_input_blocks_4_1_proj_in",
+              "lora_unet_input_blocks_7_1_transformer_blocks_1_ff_net_0_proj", "lora_unet_input_blocks_1_0_in_layers_2",
+              "lora_unet_input_blocks_4_0_skip_connection", "lora_unet_input_blocks_3_0_op",
+              "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0", "lora_unet_middle_block_2_emb_layers_1",
+              "lora_unet_output_blocks_2_2_conv", "lora_unet_output_blocks_8_0_out_layers_3",
+              "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_1_mlp_fc1"):
+      assert n in names, n
+  assert detect_keys(sd) == "kohya_lora" and lora_files.kohya_lora_family(sd) == "sdxl"
+  src = str(tmp_path / f"sdxl_lora_{naming}.safetensors")
+  io.save_torch_file(sd, src)
+  scaling = naming == "ldm"
+  ref = reference_merge(models, sd, 0.7, kohya_scaling=scaling)
+  if naming == "ldm":
+    # to-orbax's wiring (the base loader itself is tested above: it returns `want` for sdxl_file)
+    monkeypatch.setattr(base, "load_base_model", lambda *a, **k: dict(
+        want, unet_config=TINY.unet, text_config=TINY.text, text_config_2=TINY.text_2, vae_config=TINY.vae,
+        format="ldm", family="sdxl", extras={}))
+    out = str(tmp_path / "orbax")
+    meta = pipeline.to_orbax(out, base_path=sdxl_file, loras=[(src, 0.7)], kohya_scaling=True, **quiet)
+    assert any(f"merged {len(names)} kohya LoRA layers" in n for n in meta["notes"]), meta["notes"]
+    got = model_dir.load_items(out, ["unet", "text_encoder", "text_encoder_2"])[0]
+  else:
+    info = {}
+    got = lora_files.merge_kohya_lora_parts(want, src, 0.7, info=info)
+    assert any("alpha/rank" in n and "--kohya-scaling" in n for n in info["notes"]), info["notes"]
+  for part in ("unet", "text_encoder", "text_encoder_2"):
+    assert_trees_close(got[part], ref[part], f"{naming} {part}")
+    changed = sum(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(want[part])))
+    assert changed > 0, part
+  text = inspect(src)
+  assert "format: kohya_lora" in text and "model: SDXL LoRA" in text and "keys outside" not in text, text
+
+
+def test_sdxl_kohya_lora_errors(models, want, tmp_path):
+  sd = kohya_file(kohya_targets(models, "ldm"), seed=8)
+  src = _save(sd, tmp_path / "sdxl_lora.safetensors")
+  # an SD1.5 model (no text_encoder_2): the te2 layers are not found, named with the missing part
+  with pytest.raises(ConversionError, match=r"not found in the model: lora_te2_.*no text_encoder_2"):
+    lora_files.merge_kohya_lora(want["unet"], want["text_encoder"], src)
+  bad = dict(sd)
+  bad["lora_unet_input_blocks_99_1_proj_in.lora_down.weight"] = sd["lora_unet_input_blocks_4_1_proj_in.lora_down.weight"]
+  bad["lora_unet_input_blocks_99_1_proj_in.lora_up.weight"] = sd["lora_unet_input_blocks_4_1_proj_in.lora_up.weight"]
+  with pytest.raises(ConversionError, match=r"not found in the model: lora_unet_input_blocks_99_1_proj_in \(1 in all\)"):
+    lora_files.merge_kohya_lora_parts(want, _save(bad, tmp_path / "bad.safetensors"))
+  # an SD1.5 LoRA on the SDXL model: its cross-attention reads 768-wide text
+  sd15 = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+          np.zeros((4, 768), np.float16),
+          "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight":
+          np.zeros((64, 4), np.float16)}
+  assert lora_files.kohya_lora_family(sd15) == "sd15"
+  with pytest.raises(ConversionError, match=r"shape mismatch.*an SD1.5 LoRA on an SDXL model"):
+    lora_files.merge_kohya_lora_parts(want, _save(sd15, tmp_path / "sd15.safetensors"))
 
 
 # ---------------------------------------------------------------- refused
