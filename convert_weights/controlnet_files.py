@@ -13,10 +13,8 @@ LDM ControlNets store no buffers, so every round trip is a renaming (bit-exact, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import shutil
 from typing import Optional
 
 import numpy as np
@@ -251,15 +249,4 @@ def export_controlnet(tree: dict, config: ControlNetConfig, unet: UNetConfig, ou
   if fmt == "ldm":
     io.save_torch_file(sd, out)
     return
-  cfg = diffusers_config(config, unet)
-  if os.path.exists(out):
-    raise ConversionError(f"{out}: already exists")
-  tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.tmp-{os.getpid()}")
-  os.makedirs(tmp)
-  try:
-    io.save_torch_file(sd, os.path.join(tmp, "diffusion_pytorch_model.safetensors"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(cfg, f, indent=2)
-    os.rename(tmp, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  io.save_diffusers_component(out, sd, diffusers_config(config, unet))

@@ -208,3 +208,27 @@ def load_diffusers_component(folder: str, info: Optional[dict] = None,
   cfg_path = os.path.join(folder, "config.json")
   config = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
   return load_torch_file(weights, info, progress), config
+
+
+def write_diffusers_component(folder: str, sd: dict[str, np.ndarray], config: dict,
+                              weights_name: str = "diffusion_pytorch_model.safetensors",
+                              metadata: Optional[dict] = None) -> None:
+  """Weights + config.json into `folder` (made if missing): one diffusers component."""
+  os.makedirs(folder, exist_ok=True)
+  save_torch_file(sd, os.path.join(folder, weights_name), metadata=metadata)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+
+def save_diffusers_component(out: str, sd: dict[str, np.ndarray], config: dict) -> None:
+  """A new diffusers component folder at `out` (`from_pretrained` loads it), written under a
+  temporary name and renamed at the end, so a crash leaves no half-written folder."""
+  import shutil
+  if os.path.exists(out):
+    raise ConversionError(f"{out}: already exists")
+  tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.tmp-{os.getpid()}")
+  try:
+    write_diffusers_component(tmp, sd, config)
+    os.rename(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)

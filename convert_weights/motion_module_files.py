@@ -19,7 +19,6 @@ its GroupNorm pools over frames), pe 32 unless the file says otherwise.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from typing import Any, Optional
@@ -245,16 +244,4 @@ def export_motion_module(tree: dict, cfg: MotionModuleConfig, out: str, fmt: str
     config = adapter_config(tree, cfg)
   except ImportError:
     raise ConversionError("writing a MotionAdapter config needs diffusers installed") from None
-  parent = os.path.dirname(os.path.abspath(out))
-  tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-  import shutil
-  os.makedirs(tmp)
-  try:
-    io.save_torch_file(sd, os.path.join(tmp, "diffusion_pytorch_model.safetensors"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(config, f, indent=2)
-    if os.path.exists(out):
-      raise ConversionError(f"{out}: already exists")
-    os.rename(tmp, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  io.save_diffusers_component(out, sd, config)

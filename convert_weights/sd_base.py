@@ -435,7 +435,6 @@ def export_diffusers(out_dir: str, parts: dict, configs: dict, extras: Optional[
   and tokenizer/ (+ tokenizer_2/ with "!" padding for SDXL) from the built-in vocabulary.
   extras "<part>.<key>" (buffers a diffusers folder had) go back into that part's file. Written
   to a temporary folder and renamed: a failure leaves nothing."""
-  import json
   import shutil
   from adiff_jax.tokenizer import CLIPTokenizer
   _no_motion_modules(parts.get("unet"), "export_diffusers")
@@ -451,13 +450,10 @@ def export_diffusers(out_dir: str, parts: dict, configs: dict, extras: Optional[
   shutil.rmtree(tmp, ignore_errors=True)
   try:
     for part, tree in parts.items():
-      d = os.path.join(tmp, part)
-      os.makedirs(d)
       sd = tree_to_state_dict(tree)
       sd.update({k[len(part) + 1:]: v for k, v in (extras or {}).items() if k.startswith(part + ".")})
-      io.save_torch_file(sd, os.path.join(d, DIFFUSERS_WEIGHTS[part]), metadata={"format": "pt"})
-      with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(to_json[part](configs[part]), f, indent=2)
+      io.write_diffusers_component(os.path.join(tmp, part), sd, to_json[part](configs[part]),
+                                   DIFFUSERS_WEIGHTS[part], metadata={"format": "pt"})
     if tokenizers and "text_encoder" in parts:
       CLIPTokenizer.default().save_pretrained(os.path.join(tmp, "tokenizer"))
     if tokenizers and "text_encoder_2" in parts:

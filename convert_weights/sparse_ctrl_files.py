@@ -10,10 +10,8 @@ The `pe` buffers are kept aside (info["extras"]) so an export to the same format
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import shutil
 from typing import Optional
 
 import numpy as np
@@ -184,15 +182,4 @@ def export_sparse_ctrl(tree: dict, config: SparseCtrlConfig, unet: UNetConfig, o
   if fmt == "original":
     io.save_torch_file(sd, out)
     return
-  cfg = diffusers_config(config, unet)
-  if os.path.exists(out):
-    raise ConversionError(f"{out}: already exists")
-  tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.tmp-{os.getpid()}")
-  os.makedirs(tmp)
-  try:
-    io.save_torch_file(sd, os.path.join(tmp, "diffusion_pytorch_model.safetensors"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(cfg, f, indent=2)
-    os.rename(tmp, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  io.save_diffusers_component(out, sd, diffusers_config(config, unet))
