@@ -249,6 +249,9 @@ def kohya_targets(models, naming: str) -> dict:
   for name, m in unet.named_modules():
     if type(m).__name__ in KOHYA_UNET_MODULES:
       mods.update({f"{name}.{c}": cm for c, cm in m.named_modules() if c and isinstance(cm, linear)})
+  if naming == "ldm":   # layers kohya's LoRA leaves alone, which other trainers may include
+    mods.update({n: unet.get_submodule(n) for n in ("conv_in", "conv_out", "time_embedding.linear_1",
+                                                    "time_embedding.linear_2", "add_embedding.linear_1")})
   names = {n: n for n in mods}
   if naming == "ldm":   # (the LDM table is checked against diffusers' single-file converter above)
     names = {v: k[:-len(".weight")] for k, v in ldm.unet_diffusers_to_ldm({n + ".weight": n for n in mods}).items()}
@@ -332,7 +335,8 @@ def assert_trees_close(got, want, what, tol=1e-5):
 def test_sdxl_kohya_lora_merged_as_diffusers_reads_it(models, want, sdxl_file, tmp_path, naming,
                                                        monkeypatch):
   """A kohya SDXL LoRA (UNet attention, feed-forward, projections, ResNet 3x3 and 1x1 convs, time
-  embedding projections, down/upsamplers; both text encoders) merged by us equals the same file
+  embedding projections, down/upsamplers, LDM names also conv_in / conv_out / time_embed /
+  label_emb; both text encoders) merged by us equals the same file
   fused into the torch models by hand, layer by layer as diffusers' kohya loader names them.
   LDM names go through `to-orbax --lora --kohya-scaling` (base loader stubbed); diffusers names
   through `merge_kohya_lora_parts` with the default (official, alpha ignored) scaling."""
@@ -345,6 +349,7 @@ def test_sdxl_kohya_lora_merged_as_diffusers_reads_it(models, want, sdxl_file, t
               "lora_unet_input_blocks_4_0_skip_connection", "lora_unet_input_blocks_3_0_op",
               "lora_unet_middle_block_1_transformer_blocks_1_attn2_to_out_0", "lora_unet_middle_block_2_emb_layers_1",
               "lora_unet_output_blocks_2_2_conv", "lora_unet_output_blocks_8_0_out_layers_3",
+              "lora_unet_input_blocks_0_0", "lora_unet_out_2", "lora_unet_time_embed_2", "lora_unet_label_emb_0_0",
               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_1_mlp_fc1"):
       assert n in names, n
   assert detect_keys(sd) == "kohya_lora" and lora_files.kohya_lora_family(sd) == "sdxl"
