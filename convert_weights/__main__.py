@@ -51,9 +51,9 @@ def _parser() -> argparse.ArgumentParser:
   o.add_argument("--domain-adapter", metavar="PATH[:SCALE]", help="v3 domain adapter; SCALE default 1.0")
   o.add_argument("--lora", action="append", default=[], metavar="PATH[:ALPHA]",
                  help="kohya/A1111 LoRA merged into UNet and text encoder (repeatable); ALPHA default 0.8")
-  o.add_argument("--kohya-scaling", action="store_true",
-                 help="scale kohya LoRAs by their per-layer alpha/rank (default: the official AnimateDiff "
-                      "merge W += ALPHA * up @ down, ignoring .alpha)")
+  o.add_argument("--kohya-scaling", action="store_true", default=None,
+                 help="scale kohya LoRAs by their per-layer alpha/rank (default: for SDXL only; SD1.5 "
+                      "takes the official AnimateDiff merge W += ALPHA * up @ down, ignoring .alpha)")
   o.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "keep"], default="keep",
                  help="storage dtype of the converted parameters (default: keep the file's)")
   o.add_argument("--mm-version", choices=["v1", "v2", "v3"],

@@ -43,13 +43,16 @@ def _dtypes(tree: dict) -> list[str]:
 
 def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[str] = None,
              motion_loras: Sequence[tuple[str, float]] = (), domain_adapter: Optional[tuple[str, float]] = None,
-             loras: Sequence[tuple[str, float]] = (), dtype: str = "keep", kohya_scaling: bool = False,
+             loras: Sequence[tuple[str, float]] = (), dtype: str = "keep",
+             kohya_scaling: Optional[bool] = None,
              mm_version: Optional[str] = None, overrides: Optional[dict] = None,
              overwrite: bool = False, progress: Optional[bool] = None, log=print) -> dict:
   """Convert any subset of (base model (SD1.5 or SDXL), motion module, MotionLoRAs, domain adapter,
   kohya LoRAs) into one Orbax model dir. overrides: {"unet"|"vae"|"text_encoder"|"text_encoder_2"|
   "motion_module": {field: value}} for config fields the weights cannot tell (heads, GroupNorm
-  groups). Returns the metadata."""
+  groups). kohya_scaling: scale kohya LoRAs by their alpha/rank; None: for SDXL only (the
+  official AnimateDiff merge ignores alpha/rank, but its sdxl branch has no kohya loader, so SDXL
+  follows A1111 / ComfyUI / diffusers). Returns the metadata."""
   if not any([base_path, motion_module, motion_loras, domain_adapter]):
     raise ConversionError("nothing to convert: give --base, --motion-module, --motion-lora or --domain-adapter")
   if loras and not base_path:
@@ -70,6 +73,8 @@ def to_orbax(out: str, base_path: Optional[str] = None, motion_module: Optional[
     b = base.load_base_model(base_path, info=info, progress=progress, overrides=overrides)
     notes += info.get("notes", [])
     parts = {n: b[n] for n in ("unet", "text_encoder", "text_encoder_2") if n in b}
+    if kohya_scaling is None:
+      kohya_scaling = "text_encoder_2" in parts
     for path, alpha in loras:
       log(f"merging kohya LoRA {path} (multiplier {alpha}, {'kohya alpha/rank' if kohya_scaling else 'official'} scaling)")
       known = known_file(path, "kohya_lora")

@@ -16,7 +16,8 @@ LoRAs: `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`); text encod
 (SD1.5), `lora_te1_` (SDXL CLIP-L) and `lora_te2_` (SDXL OpenCLIP bigG, transformers names).
 Default (the official AnimateDiff `convert_lora`): W += multiplier * up @ down, the per-layer
 `.alpha` is IGNORED. With kohya_scaling=True: W += multiplier * (alpha / rank) * up @ down
-(sd-scripts / A1111 semantics).
+(sd-scripts / A1111 semantics; `convert.to_orbax` uses it for SDXL by default, as the official
+sdxl branch has no kohya loader of its own).
 """
 from __future__ import annotations
 

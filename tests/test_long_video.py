@@ -186,7 +186,7 @@ def test_free_init_matches_diffusers(reference, fi):
 
 SHARDED = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"  # unoptimised LLVM: half the compile time, both sides
 import numpy as np, jax
 from adiff_jax.context import ContextConfig
 from adiff_jax.model import ModelConfig, random_params

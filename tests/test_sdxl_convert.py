@@ -338,7 +338,8 @@ def test_sdxl_kohya_lora_merged_as_diffusers_reads_it(models, want, sdxl_file, t
   embedding projections, down/upsamplers, LDM names also conv_in / conv_out / time_embed /
   label_emb; both text encoders) merged by us equals the same file
   fused into the torch models by hand, layer by layer as diffusers' kohya loader names them.
-  LDM names go through `to-orbax --lora --kohya-scaling` (base loader stubbed); diffusers names
+  LDM names go through `to-orbax --lora` (base loader stubbed; SDXL's default scaling is kohya's
+  alpha/rank); diffusers names
   through `merge_kohya_lora_parts` with the default (official, alpha ignored) scaling."""
   targets = kohya_targets(models, naming)
   sd = kohya_file(targets, seed=7)
@@ -363,7 +364,7 @@ def test_sdxl_kohya_lora_merged_as_diffusers_reads_it(models, want, sdxl_file, t
         want, unet_config=TINY.unet, text_config=TINY.text, text_config_2=TINY.text_2, vae_config=TINY.vae,
         format="ldm", family="sdxl", extras={}))
     out = str(tmp_path / "orbax")
-    meta = pipeline.to_orbax(out, base_path=sdxl_file, loras=[(src, 0.7)], kohya_scaling=True, **quiet)
+    meta = pipeline.to_orbax(out, base_path=sdxl_file, loras=[(src, 0.7)], **quiet)   # SDXL: alpha/rank
     assert any(f"merged {len(names)} kohya LoRA layers" in n for n in meta["notes"]), meta["notes"]
     got = model_dir.load_items(out, ["unet", "text_encoder", "text_encoder_2"])[0]
   else:
