@@ -12,6 +12,8 @@ PARTS = ("jax_sample", "torch_sample", "jax_train", "torch_train")
 TIMINGS = {"jax_sample": ("e2e_s", "denoise_s_per_step", "vae_decode_s"),
            "torch_sample": ("e2e_s", "denoise_s_per_step", "vae_decode_s"),
            "jax_train": ("step_s", "compile_s"), "torch_train": ("step_s",)}
+# One xdist worker runs this module, so the reduced benchmark (its module fixture) runs once.
+pytestmark = pytest.mark.xdist_group("gpu_bench")
 
 
 @pytest.fixture(scope="module")

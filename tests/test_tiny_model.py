@@ -153,17 +153,18 @@ def test_official_exports_match_in_the_pytorch_reference(tmp_path):
 def test_shipped_model_48_frames_with_context_windows():
   """48 frames (more than the positional encoding's 32) through context windows of 16: the object stays
   in the video across the window seams (present in nearly every frame, by the project's tracker)
-  and keeps the prompted colour as often as 16-frame clips do (2 of 4). The shipped model does
+  and keeps the prompted colour as often as 16-frame clips do (half; two clips for CI time). The shipped model does
   not move its object coherently even at 16 frames (README), so steady motion across seams is
   not asserted."""
   from adiff_jax.context import ContextConfig
   cfg, params, lora, _ = builtin.load(None, [])
   sc = SamplingConfig(frames=48, height=64, width=64, steps=10, guidance_scale=7.5,
                       context=ContextConfig(context_length=16, overlap=4))
-  videos = Pipeline(cfg, params, lora=lora)([f"a {c} {s}" for c, s in CASES], seeds=[0, 1, 2, 3],
+  cases = CASES[:2]
+  videos = Pipeline(cfg, params, lora=lora)([f"a {c} {s}" for c, s in cases], seeds=[0, 1],
                                             cfg=sc, progress=False)
   videos = np.rint(np.asarray(videos) * 255).astype(np.uint8)
   present = [sum(clip_coherence(v[i:i + 16])["present"] for i in range(0, 48, 16)) for v in videos]
   assert all(p >= 45 for p in present), present
-  colored = [sum(object_color(f) == c for f in v) >= len(v) / 2 for v, (c, _) in zip(videos, CASES)]
-  assert sum(colored) >= 2, colored
+  colored = [sum(object_color(f) == c for f in v) >= len(v) / 2 for v, (c, _) in zip(videos, cases)]
+  assert sum(colored) >= 1, colored

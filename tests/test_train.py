@@ -27,6 +27,9 @@ from adiff_jax.train.loop import NonFiniteLoss, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
+# One xdist worker runs this module: its module fixtures (the reference run and the 8-device and
+# two-process runs started in the background) then run once, not once per worker.
+pytestmark = pytest.mark.xdist_group("train")
 # 4 frames of 32x32 pixels -> 8x8 latents with the tiny VAE; a one-level tiny UNet with one
 # ResNet (+ spatial transformer + motion module) per block: what compiles fastest.
 COMMON = [
