@@ -33,6 +33,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+  from adiff_jax import host_memory
+  host_memory.keep_freed_memory()      # before JAX starts its threads (XLA:CPU steps: no re-faulting)
   args = parse_args(argv)
   from adiff_jax.train.config import load_config, to_dict
   cfg = load_config(args.config, args.overrides)
