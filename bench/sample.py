@@ -6,7 +6,9 @@
 
 Text encoding + denoising loop with CFG + VAE decode, random weights (speed does not depend on
 them). Reports seconds end to end (after a warm-up run that includes compilation), UNet steps/s,
-and the ratio; appends a row to bench/RESULTS.md with the command.
+the ratio and each side's peak resident memory (each framework in its own process,
+bench/side_by_side.py; the JAX side tunes glibc malloc as sample.py does); appends a row to
+bench/RESULTS.md with the command.
 
 --few-step (adiff-jax only): the same video with --steps DDIM steps at guidance 7.5 (official),
 --few-steps LCM steps at guidance 1.5 (AnimateLCM's settings) and --few-steps Euler "trailing"
@@ -21,6 +23,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if sys.argv[-2:] == ["--side", "jax"]:                  # the JAX child (bench/side_by_side.py)
+  from adiff_jax import host_memory
+  host_memory.keep_freed_memory()        # as sample.py does, before JAX starts its threads
+
 import jax
 import torch
 
@@ -28,6 +34,7 @@ from adiff_jax.model import random_params
 from adiff_jax.model import ModelConfig
 from adiff_jax.sampling import Pipeline, SamplingConfig
 from adiff_jax.schedulers import NoiseSchedule
+from bench import side_by_side
 from bench.results import add_row, command
 
 
@@ -77,6 +84,7 @@ def main():
   ap.add_argument("--few-step", action="store_true",
                   help="adiff-jax only: --steps DDIM vs --few-steps LCM and Euler trailing (own table)")
   ap.add_argument("--few-steps", type=int, default=4)
+  ap.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)   # a child process
   args = ap.parse_args()
 
   config = ModelConfig.sd15("v2") if args.config == "sd15" else ModelConfig.tiny()
@@ -85,50 +93,58 @@ def main():
   prompts = ["a red circle moving left"] * args.batch
   negative = ["blurry"] * args.batch
   sc = SamplingConfig(frames=args.frames, height=args.size, width=args.size, steps=args.steps)
-  gpu = torch.cuda.is_available()
+  if args.side == "torch":
+    return side_by_side.report(seconds=torch_side(args, config, prompts, negative))
+  if args.side == "jax":
+    params = random_params(config, seed=0)
+    ours = Pipeline(config, params, dtype=args.dtype)
+    seeds = list(range(args.batch))
+    t0 = time.perf_counter()
+    ours(prompts, negative, seeds, sc, progress=False)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours(prompts, negative, seeds, sc, progress=False)
+    return side_by_side.report(seconds=time.perf_counter() - t0, first=first,
+                               device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform)
 
-  torch_s = None
-  if not args.skip_torch:
-    tdev, tdt = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
-    pipe = torch_pipeline(config, tdev, tdt)
-    kw = dict(prompt=prompts, negative_prompt=negative, num_frames=args.frames, height=args.size,
-              width=args.size, num_inference_steps=args.steps, guidance_scale=7.5, output_type="np")
-    if gpu:
-      torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
-      pipe(**{**kw, "num_inference_steps": 1})  # warm-up
-      t0 = time.perf_counter()
-      pipe(**kw)
-      if gpu:
-        torch.cuda.synchronize()
-      torch_s = time.perf_counter() - t0
-    torch_mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
-    del pipe
-    print(f"diffusers ({tdev}, {tdt}): {torch_s:.2f} s end to end, "
-          f"{args.steps / torch_s:.2f} UNet steps/s" + (f", peak {torch_mem:.1f} GiB" if gpu else ""))
-
-  params = random_params(config, seed=0)
-  ours = Pipeline(config, params, dtype=args.dtype)
-  seeds = list(range(args.batch))
-  t0 = time.perf_counter()
-  ours(prompts, negative, seeds, sc, progress=False)
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  ours(prompts, negative, seeds, sc, progress=False)
-  jax_s = time.perf_counter() - t0
-  dev = jax.devices()[0]
-  print(f"adiff-jax ({dev.platform}, {args.dtype}): {jax_s:.2f} s end to end "
-        f"(first run with compilation {first:.1f} s), {args.steps / jax_s:.2f} UNet steps/s")
+  argv = sys.argv[1:]
+  j = side_by_side.run(__file__, argv, "jax")
+  t = None if args.skip_torch else side_by_side.run(__file__, argv, "torch")
+  jax_s, torch_s = j["seconds"], t and t["seconds"]
+  print(f"adiff-jax ({j['platform']}, {args.dtype}): {jax_s:.2f} s end to end "
+        f"(first run with compilation {j['first']:.1f} s), {args.steps / jax_s:.2f} UNet steps/s, "
+        f"peak RSS {j['peak_rss_gib']:.2f} GiB")
   ratio = f"{torch_s / jax_s:.2f}x" if torch_s else "n/a"
-  print(f"speed-up: {ratio}")
-
-  cmd = command(__file__)
-  row = (f"| {time.strftime('%Y-%m-%d')} | {dev.device_kind} | {args.config} | {args.batch}x{args.frames}x"
+  t_rss = f"{t['peak_rss_gib']:.2f}" if t else "n/a"
+  print(f"speed-up: {ratio}; peak RSS GiB: adiff-jax {j['peak_rss_gib']:.2f}, diffusers {t_rss}")
+  row = (f"| {time.strftime('%Y-%m-%d')} | {j['device']} | {args.config} | {args.batch}x{args.frames}x"
          f"{args.size}x{args.size}, {args.steps} steps, CFG | {args.dtype} | "
-         f"{torch_s and f'{torch_s:.2f}'} | {jax_s:.2f} | {ratio} | `{cmd}` |\n")
-  add_row(args.results, "Sampling end to end (bench/sample.py)",
-          "| date | device | config | video | JAX dtype | diffusers s | adiff-jax s | speed-up | command |\n"
-          "|---|---|---|---|---|---|---|---|---|", row)
+         f"{torch_s and f'{torch_s:.2f}'} | {jax_s:.2f} | {ratio} | {t_rss} | {j['peak_rss_gib']:.2f} | "
+         f"`{command(__file__)}` |\n")
+  add_row(args.results, "Sampling end to end, side by side with memory (bench/sample.py)",
+          "Each framework in its own process; peak RSS = that process's peak resident memory "
+          "(runtime included).\n\n"
+          "| date | device | config | video | JAX dtype | diffusers s | adiff-jax s | speed-up | "
+          "diffusers peak RSS GiB | adiff-jax peak RSS GiB | command |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|", row)
+
+
+def torch_side(args, config, prompts, negative) -> float:
+  """diffusers' seconds end to end, after a 1-step warm-up."""
+  gpu = torch.cuda.is_available()
+  tdev, tdt = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
+  pipe = torch_pipeline(config, tdev, tdt)
+  kw = dict(prompt=prompts, negative_prompt=negative, num_frames=args.frames, height=args.size,
+            width=args.size, num_inference_steps=args.steps, guidance_scale=7.5, output_type="np")
+  with torch.no_grad():
+    pipe(**{**kw, "num_inference_steps": 1})  # warm-up
+    t0 = time.perf_counter()
+    pipe(**kw)
+    if gpu:
+      torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+  print(f"diffusers ({tdev}, {tdt}): {seconds:.2f} s end to end, {args.steps / seconds:.2f} UNet steps/s")
+  return seconds
 
 
 def few_step(args, config: ModelConfig):

@@ -9,6 +9,9 @@ Both sides train the motion modules only (AdamW, global-norm clipping 1.0) on ra
 encode is left out on both sides; --with-vae adds it to the JAX step). The JAX step also runs
 the frozen CLIP text encoder on the token ids; the PyTorch step gets the text states ready-made.
 PyTorch runs f32 on CPU and bf16 autocast on GPU; JAX computes in --dtype with f32 weights.
+Each framework runs in its own process (bench/side_by_side.py); peak memory is each process's
+peak resident set (runtime included). The JAX side tunes glibc malloc as train.py does
+(adiff_jax/host_memory.py); the PyTorch side runs as diffusers users run it.
 FLOPs per step come from XLA's cost analysis of the compiled JAX step; MFU = FLOP/s / device
 peak (adiff_jax.train.metrics_log.PEAK_FLOPS; 'n/a' where unknown, e.g. CPU). Appends a row with
 the command to bench/RESULTS.md under "## Training step".
@@ -25,10 +28,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if sys.argv[-2:] == ["--side", "jax"]:                  # the JAX child (bench/side_by_side.py)
+  from adiff_jax import host_memory
+  host_memory.keep_freed_memory()        # as train.py does, before JAX starts its threads
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+from bench import side_by_side
 from bench.results import add_row, command
 
 
@@ -147,6 +155,20 @@ def torch_step(args, mc):
   return step_s
 
 
+SECTION = "Training step, side by side with memory (bench/train_step.py)"
+HEADER = ("Motion modules trainable, AdamW + clipping, epsilon MSE on precomputed latents; random "
+          "weights. Each framework in its own process; peak RSS = that process's peak resident "
+          "memory (runtime included). TFLOP = per step per device (XLA cost analysis).\n\n"
+          "| date | device | model | B x F x H x W | JAX dtype | TFLOP | JAX samples/s | PyTorch "
+          "samples/s | speed-up | JAX peak RSS GiB | PyTorch peak RSS GiB | command |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def model_config(args):
+  from adiff_jax.model import ModelConfig
+  return ModelConfig.sd15("v1") if args.model == "sd15" else ModelConfig.tiny()
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", choices=["sd15", "tiny"], default="sd15")
@@ -160,29 +182,33 @@ def main():
   ap.add_argument("--with-vae", action="store_true", help="JAX step encodes pixels with the VAE")
   ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
   ap.add_argument("--skip-torch", action="store_true")
+  ap.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)   # a child process
   ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
   args = ap.parse_args()
 
-  jax_s, flops, peak, mc = jax_step(args)
-  gc.collect()
-  torch_s = None if args.skip_torch else torch_step(args, mc)
-  n = args.batch * jax.device_count()
+  if args.side == "jax":
+    step_s, flops, peak, _ = jax_step(args)
+    return side_by_side.report(step_s=step_s, flops=flops, peak=peak,
+                               device=jax.devices()[0].device_kind, devices=jax.device_count())
+  if args.side == "torch":
+    return side_by_side.report(step_s=torch_step(args, model_config(args)))
+
+  argv = [a for a in sys.argv[1:]]
+  j = side_by_side.run(__file__, argv, "jax")
+  t = None if args.skip_torch else side_by_side.run(__file__, argv, "torch")
+  jax_s, flops, peak, n = j["step_s"], j["flops"], j["peak"], args.batch * j["devices"]
+  torch_s = t and t["step_s"]
   mfu = f"{100 * flops / jax_s / peak:.1f}%" if flops and peak else "n/a"
-  tmfu = f"{100 * flops / torch_s / peak:.1f}%" if flops and peak and torch_s else "n/a"
   ratio = f"{torch_s / jax_s:.2f}x" if torch_s else "n/a"
-  print(f"samples/s: JAX {n / jax_s:.3f}, PyTorch {torch_s and args.batch / torch_s}; MFU JAX {mfu}, "
-        f"PyTorch {tmfu}; speed-up {ratio}")
-  cmd = command(__file__)
-  row = (f"| {time.strftime('%Y-%m-%d')} | {jax.devices()[0].device_kind} x{jax.device_count()} | "
+  print(f"samples/s: JAX {n / jax_s:.3f}, PyTorch {torch_s and args.batch / torch_s}; MFU JAX {mfu}; "
+        f"speed-up {ratio}; peak RSS GiB: JAX {j['peak_rss_gib']:.2f}, PyTorch {t and t['peak_rss_gib']}")
+  t_rss = f"{t['peak_rss_gib']:.2f}" if t else "n/a"
+  row = (f"| {time.strftime('%Y-%m-%d')} | {j['device']} x{j['devices']} | "
          f"{args.model} | {args.batch}x{args.frames}x{args.size}x{args.size} | {args.dtype} | "
-         f"{flops and f'{flops / 1e12:.3f}'} | {n / jax_s:.3f} | {mfu} | "
-         f"{torch_s and f'{args.batch / torch_s:.3f}'} | {tmfu} | {ratio} | `{cmd}` |\n")
-  add_row(args.results, "Training step (bench/train_step.py)",
-          "Motion modules trainable, AdamW + clipping, epsilon MSE on precomputed latents; "
-          "random weights. TFLOP = per step per device (XLA cost analysis).\n\n"
-          "| date | device | model | B x F x H x W | JAX dtype | TFLOP | JAX samples/s | JAX MFU "
-          "| PyTorch samples/s | PyTorch MFU | speed-up | command |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|", row)
+         f"{flops and f'{flops / 1e12:.3f}'} | {n / jax_s:.3f} | "
+         f"{torch_s and f'{args.batch / torch_s:.3f}'} | {ratio} | {j['peak_rss_gib']:.2f} | "
+         f"{t_rss} | `{command(__file__)}` |\n")
+  add_row(args.results, SECTION, HEADER, row)
 
 
 if __name__ == "__main__":

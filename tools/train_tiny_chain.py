@@ -1,6 +1,6 @@
 """Trains the built-in tiny model end to end and packs it (issue 14's chain, one command):
 
-  python tools/train_tiny_chain.py                 # ~60-90 min on 2 CPU cores
+  python tools/train_tiny_chain.py                 # ~3 h on 2 CPU cores
   python tools/train_tiny_chain.py --no-ship       # train only (pack later: tools/ship_tiny_model.py)
 
 Stages, each `python train.py --config ...` in its own process, each reading the previous
@@ -9,6 +9,7 @@ stage's exported model dir:
   tiny_image       the image model (UNet + text encoder, frames)  configs/training/tiny_image.yaml
   tiny             the motion module on 16-frame clips            configs/training/tiny.yaml
   tiny_more        the same motion module, 3x the batch           configs/training/tiny_motion_more.yaml
+  tiny_long        the same again, batch 8, 900 steps, annealed   configs/training/tiny_motion_long.yaml
   tiny_lora_DIR    one MotionLoRA per direction (left, right, up, down), on clips that move that
                    way only                                       configs/training/tiny_motion_lora.yaml
 then `tools/ship_tiny_model.py` packs base + motion module + MotionLoRAs into
@@ -33,11 +34,10 @@ STAGES = [("tiny_vae", "configs/training/tiny_vae.yaml", None, "the tiny VAE as 
           ("tiny_image", "configs/training/tiny_image.yaml", "tiny_vae",
            "the image model (\"personalised T2I\"): UNet + text encoder on single frames"),
           ("tiny", "configs/training/tiny.yaml", "tiny_image", "the motion module on 16-frame clips, base frozen"),
-          ("tiny_more", "configs/training/tiny_motion_more.yaml", "tiny", "the same motion module, 3x the batch")]
-# configs/training/tiny_motion_long.yaml (500 more steps at batch 8 after tiny_more) was tried and
-# is not a stage: 22% coherent clips vs 17% (18 clips each, within noise), MotionLoRAs trained on
-# it still not steering (bench/RESULTS.md), so the shipped model stays the one below.
-MOTION_STAGE = "tiny_more"
+          ("tiny_more", "configs/training/tiny_motion_more.yaml", "tiny", "the same motion module, 3x the batch"),
+          ("tiny_long", "configs/training/tiny_motion_long.yaml", "tiny_more",
+           "the same motion module, batch 8, 900 steps, learning rate annealed to 0")]
+MOTION_STAGE = "tiny_long"
 STAGES += [(f"tiny_lora_{d}", "configs/training/tiny_motion_lora.yaml", MOTION_STAGE,
             f"MotionLoRA `{d}`: clips moving {d} only, base and motion module frozen") for d in DIRECTIONS]
 
