@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 
 from adiff_jax import builtin, model_dir
+from adiff_jax.free_init import FreeInitConfig
 from adiff_jax.data.synthetic import COLORS, DIRECTIONS, SHAPES, clip_coherence, object_color
 from adiff_jax.motion_module import image_model_alone
 from adiff_jax.sampling import Pipeline, SamplingConfig
@@ -82,6 +83,8 @@ def main():
   ap.add_argument("--guidance-scale", type=float, default=7.5)
   ap.add_argument("--batch", type=int, default=9)
   ap.add_argument("--no-baseline", action="store_true", help="skip the image-model-alone row")
+  ap.add_argument("--free-init", type=int, default=0, metavar="N",
+                  help="sample with N FreeInit iterations (adiff_jax/free_init.py; 0: off)")
   ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
   args = ap.parse_args()
 
@@ -102,7 +105,8 @@ def main():
     sys.exit(f"{name} has no motion module to evaluate")
 
   sc = SamplingConfig(frames=args.frames, height=args.size, width=args.size, steps=args.steps,
-                      guidance_scale=args.guidance_scale)
+                      guidance_scale=args.guidance_scale,
+                      free_init=FreeInitConfig(iterations=args.free_init) if args.free_init else None)
   cases = [(c, s, 1000 * k + i) for i, (c, s) in enumerate(itertools.product(args.colors.split(","), SHAPES))
            for k in range(args.seeds)]
   print(f"model: {name}\n{len(cases)} clips per variant: colours x {len(SHAPES)} shapes x {args.seeds} seeds")
@@ -121,7 +125,7 @@ def main():
     print(f"{label + ':':34s} coherent {r['coherent']:.0%}; direction {direction}; prompted colour "
           f"{r['color']:.0%}; failures {dict(r['reasons'])}")
     row = (f"| {time.strftime('%Y-%m-%d')} | {name}: {label} | {r['n']} x {args.frames}f, {args.steps} steps, "
-           f"cfg {args.guidance_scale:g} | {r['coherent']:.0%} | {direction} | {r['color']:.0%} | "
+           f"cfg {args.guidance_scale:g}{f', FreeInit x{args.free_init}' if args.free_init else ''} | {r['coherent']:.0%} | {direction} | {r['color']:.0%} | "
            f"`{command(__file__)}` |")
     add_row(args.results, SECTION, HEADER, row)
   print(f"{time.perf_counter() - t0:.0f} s")

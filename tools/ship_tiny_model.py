@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,20 +37,46 @@ def stage_summary(run_dir: str) -> dict:
           "loss": sum(r["loss"] for r in steps[-4:]) / len(steps[-4:])}
 
 
-def training_md(runs: str, commit: str) -> str:
-  lines = ["# The built-in tiny model", "",
-           "Trained from scratch by `train.py` on the built-in synthetic moving-shapes dataset on "
-           f"2 CPU cores by `python tools/train_tiny_chain.py` at commit {commit}, then packed by "
-           "`tools/ship_tiny_model.py` (weights cast to fp16; LoRA scales kept in f32).", "",
-           "| stage | config | what it trains | steps | minutes | final loss |", "|---|---|---|---|---|---|"]
-  total = 0.0
+def earlier_rows(path: str) -> tuple[dict, str]:
+  """The stage rows of an earlier TRAINING.md ({stage: table line}) and its commit phrase."""
+  if not os.path.isfile(path):
+    return {}, ""
+  text = open(path).read()
+  rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+          if line.startswith("| ") and not line.startswith("| stage")}
+  m = re.search(r"at (commit .*?), then packed", text, re.S)
+  return rows, (" ".join(m.group(1).split()) if m else "an earlier commit")
+
+
+def training_md(runs: str, commit: str, earlier: str = "") -> str:
+  """TRAINING.md: one row per stage of STAGES from its run dir under `runs`; a stage whose run dir
+  is absent (the chain resumed from a shipped model) keeps its row from the `earlier` TRAINING.md,
+  marked as such."""
+  old, old_commit = earlier_rows(earlier) if earlier else ({}, "")
+  rows, reused, total = [], [], 0.0
   for name, cfg, _, what in STAGES:
-    s = stage_summary(os.path.join(runs, name))
+    run = os.path.join(runs, name)
+    if not os.path.isfile(os.path.join(run, "metrics.jsonl")) and name in old:
+      reused.append(name)
+      rows.append(old[name].rstrip())
+      total += float(old[name].split("|")[5])
+      continue
+    s = stage_summary(run)
     total += s["minutes"]
-    lines.append(f"| {name} | `{cfg}` | {what} | {s['steps']} | {s['minutes']:.1f} | {s['loss']:.4f} |")
-  lines += ["", f"Total: {total:.0f} minutes of wall-clock time (compilation included; the machine also "
-            "ran other work, tests and evaluations, during the chain, so a quiet machine is faster). "
-            "Figures: `python bench/motion_eval.py` (bench/RESULTS.md).", ""]
+    rows.append(f"| {name} | `{cfg}` | {what} | {s['steps']} | {s['minutes']:.1f} | {s['loss']:.4f} |")
+  intro = ("Trained from scratch by `train.py` on the built-in synthetic moving-shapes dataset on "
+           f"2 CPU cores by `python tools/train_tiny_chain.py` at commit {commit}, then packed by "
+           "`tools/ship_tiny_model.py` (weights cast to fp16; LoRA scales kept in f32).")
+  if reused:
+    intro += (f" Stages {', '.join(reused)} are an earlier run's (at {old_commit}; their rows are "
+              "copied from its TRAINING.md): this run started from the model that run shipped, its "
+              "fp16 weights read back as f32.")
+  lines = ["# The built-in tiny model", "", intro, "",
+           "| stage | config | what it trains | steps | minutes | final loss |", "|---|---|---|---|---|---|",
+           *rows,
+           "", f"Total: {total:.0f} minutes of wall-clock time (compilation included; the machine also "
+           "ran other work, tests and evaluations, during the chain, so a quiet machine is faster). "
+           "Figures: `python bench/motion_eval.py` (bench/RESULTS.md).", ""]
   return "\n".join(lines)
 
 
@@ -58,6 +85,9 @@ def main():
   ap.add_argument("--runs", default="runs", help="folder holding the chain's run dirs")
   ap.add_argument("--out", default=TRAINED_DIR)
   ap.add_argument("--commit", help="commit that trained the model (default: HEAD)")
+  ap.add_argument("--earlier", default=os.path.join(TRAINED_DIR, "TRAINING.md"),
+                  help="TRAINING.md of the model this run started from: rows for stages with no "
+                       "run dir under --runs (default: the shipped model's)")
   args = ap.parse_args()
 
   src = os.path.join(args.runs, MOTION_STAGE, "export", "model")
@@ -82,7 +112,7 @@ def main():
                     "versions": {"motion_lora": f"built-in MotionLoRA {d}"},
                     "training": lmeta.get("training", {})})
   with open(os.path.join(tmp, "TRAINING.md"), "w") as f:
-    f.write(training_md(args.runs, commit))
+    f.write(training_md(args.runs, commit, args.earlier))
   shutil.rmtree(out, ignore_errors=True)
   os.replace(tmp, out)
   print(f"shipped {src} (+ MotionLoRAs {', '.join(MOTION_LORAS)}) -> {out}")
