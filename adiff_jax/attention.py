@@ -116,8 +116,15 @@ def dot_product_attention(
     except Exception as e:  # unsupported shape/version: fall back rather than fail
       if attention_impl == "cudnn":
         raise
-      _log.info("cuDNN attention unavailable for %s (%s); using XLA", q.shape, e)
+      _warn_fallback(f"cuDNN fused attention unavailable for q {q.shape} {q.dtype} "
+                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using XLA attention")
   return _xla_attention(q, k, v, mask, is_causal, scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(message: str) -> None:
+  # Once per distinct message: attention is traced once per layer, and a model has dozens.
+  _log.warning(message)
 
 
 class Attention(nn.Module):

@@ -35,3 +35,21 @@ def test_mask_and_bad_input():
     dot_product_attention(q, q, q, attention_impl="flash")
   with pytest.raises(ValueError, match=r"\(B, L, H, D\)"):
     dot_product_attention(q[0], q[0], q[0])
+
+
+def test_cudnn_fallback_warns_once(monkeypatch, caplog):
+  """Where cuDNN is chosen automatically but cannot run (here: the CPU), attention falls back to
+  XLA with the same result and says so once at WARNING, however many layers hit it."""
+  import logging
+  from adiff_jax import attention as A
+  monkeypatch.setattr(A, "_cudnn_allowed", lambda q, k, mask: True)
+  A._warn_fallback.cache_clear()
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8)), jnp.float32) for _ in range(3))
+  with caplog.at_level(logging.WARNING, logger="adiff_jax.attention"):
+    out = [A.dot_product_attention(q, k, v) for _ in range(3)]
+  warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and "using XLA attention" in warnings[0].getMessage()
+  want = A.dot_product_attention(q, k, v, attention_impl="xla")
+  for o in out:
+    np.testing.assert_allclose(np.asarray(o), np.asarray(want), rtol=0, atol=0)
