@@ -15,6 +15,7 @@ stage's exported model dir:
 then `tools/ship_tiny_model.py` packs base + motion module + MotionLoRAs into
 adiff_jax/assets/tiny_model. A stage whose export exists is skipped, and train.py resumes an
 interrupted stage from its checkpoint, so running the command again continues where it stopped.
+`--from-shipped STAGE` continues from the shipped model instead of retraining what it holds.
 """
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ import os
 import subprocess
 import sys
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from adiff_jax.builtin import TRAINED_DIR  # noqa: E402
 DIRECTIONS = ("left", "right", "up", "down")
 
 
@@ -42,11 +46,19 @@ STAGES += [(f"tiny_lora_{d}", "configs/training/tiny_motion_lora.yaml", MOTION_S
             f"MotionLoRA `{d}`: clips moving {d} only, base and motion module frozen") for d in DIRECTIONS]
 
 
-def stages(runs: str) -> list[tuple[str, str, list[str]]]:
-  """(run name, config, overrides) in training order."""
+def stages(runs: str, from_shipped: Optional[str] = None) -> list[tuple[str, str, list[str]]]:
+  """(run name, config, overrides) in training order. from_shipped: start at that stage, from
+  the shipped built-in model instead of its parent's export (the stages before it are skipped)."""
+  names = [name for name, *_ in STAGES]
+  if from_shipped is not None and from_shipped not in names:
+    raise SystemExit(f"--from-shipped: no stage {from_shipped!r}; stages: {', '.join(names)}")
+  first = 0 if from_shipped is None else names.index(from_shipped)
   out = []
-  for name, cfg, parent, _ in STAGES:
-    ov = [] if parent is None else [f"model={os.path.join(runs, parent, 'export', 'model')}"]
+  for name, cfg, parent, _ in STAGES[first:]:
+    if name == from_shipped:
+      ov = [f"model={TRAINED_DIR}"]
+    else:
+      ov = [] if parent is None else [f"model={os.path.join(runs, parent, 'export', 'model')}"]
     if name.startswith("tiny_lora_"):
       ov.append(f"data.synthetic_directions=[{name[len('tiny_lora_'):]}]")
     out.append((name, cfg, ov + [f"output_dir={os.path.join(runs, name)}"]))
@@ -57,10 +69,13 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--runs", default="runs", help="folder for the stages' run dirs (default runs/)")
   ap.add_argument("--no-ship", action="store_true", help="train only; do not pack the model")
+  ap.add_argument("--from-shipped", metavar="STAGE",
+                  help="start at STAGE from the shipped built-in model (its earlier stages are kept: "
+                       "their TRAINING.md rows carry over), e.g. --from-shipped tiny_long")
   args = ap.parse_args(argv)
   runs = os.path.abspath(args.runs)
   t_all = time.time()
-  for name, cfg, overrides in stages(runs):
+  for name, cfg, overrides in stages(runs, args.from_shipped):
     if os.path.isfile(os.path.join(runs, name, "export", "model", "metadata.json")):
       print(f"[chain] {name}: already exported, skipped", flush=True)
       continue
