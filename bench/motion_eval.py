@@ -67,6 +67,38 @@ def score(videos, cases) -> dict:
           "reasons": collections.Counter(t["reason"].split(" (")[0] for t in tracks if not t["coherent"])}
 
 
+LOSS_T = (900, 600, 300)
+
+
+def loss_gap(cfg, params, n: int = 24, frames: int = 16, size: int = 64) -> list[float]:
+  """Denoising MSE of the video model relative to the image model alone (frames independent) on
+  `n` rendered clips with their captions, same latents, noise and t, per t in LOSS_T: < 0 where
+  the motion module predicts the noise better from the other frames. A training-health check
+  that needs no sampling."""
+  import jax
+  import jax.numpy as jnp
+  from adiff_jax.data.synthetic import caption_for, render_clip, sample_params
+  from adiff_jax.schedulers import add_noise
+  from adiff_jax.vae import encode_video
+  rng = np.random.default_rng(0)
+  clips = [sample_params(rng, frames=frames, size=size, background=40) for _ in range(n)]
+  video = jnp.asarray(np.stack([render_clip(p, frames=frames, size=size) for p in clips]),
+                      jnp.float32) / 127.5 - 1                                   # (n, F, S, S, 3)
+  video_pipe = Pipeline(cfg, params)
+  image_pipe = Pipeline(*image_model_alone(cfg, params))
+  z = encode_video(video_pipe.vae, {"params": params["vae"]}, video)
+  ctx = video_pipe.encode_prompts([caption_for(p.color, p.shape, p.direction) for p in clips])
+  out = []
+  for t in LOSS_T:
+    tt = jnp.full((n,), t)
+    noise = jax.random.normal(jax.random.key(t), z.shape)
+    xt = add_noise(SamplingConfig().schedule, z, noise, tt)
+    mse = [float(jnp.mean((jax.jit(pp.unet.apply)({"params": pp.params["unet"]}, xt, tt, ctx) - noise) ** 2))
+           for pp in (video_pipe, image_pipe)]
+    out.append(mse[0] / mse[1] - 1)
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--ckpt", default=None, help="model dir (default: the built-in tiny model)")
@@ -83,6 +115,9 @@ def main():
   ap.add_argument("--guidance-scale", type=float, default=7.5)
   ap.add_argument("--batch", type=int, default=9)
   ap.add_argument("--no-baseline", action="store_true", help="skip the image-model-alone row")
+  ap.add_argument("--loss", action="store_true",
+                  help="only the denoising-loss check: the video model's MSE relative to the image "
+                       f"model alone on rendered clips at t = {LOSS_T} (no sampling, no row)")
   ap.add_argument("--free-init", type=int, default=0, metavar="N",
                   help="sample with N FreeInit iterations (adiff_jax/free_init.py; 0: off)")
   ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
@@ -103,6 +138,11 @@ def main():
     loras = {d: f"builtin:{d}" for d in builtin.MOTION_LORAS} if args.ckpt is None else {}
   if cfg.motion is None:
     sys.exit(f"{name} has no motion module to evaluate")
+  if args.loss:
+    gaps = loss_gap(cfg, params, size=args.size, frames=args.frames)
+    print(f"{name}: denoising MSE with the motion module vs the image model alone: " +
+          ", ".join(f"t={t} {g:+.1%}" for t, g in zip(LOSS_T, gaps)))
+    return
 
   sc = SamplingConfig(frames=args.frames, height=args.size, width=args.size, steps=args.steps,
                       guidance_scale=args.guidance_scale,
