@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-if sys.argv[-2:] == ["--side", "jax"]:                  # the JAX child (bench/side_by_side.py)
+if sys.argv[-2:] == ["--side", "jax"] or "--few-step" in sys.argv:   # JAX runs in this process
   from adiff_jax import host_memory
   host_memory.keep_freed_memory()        # as sample.py does, before JAX starts its threads
 
