@@ -720,8 +720,6 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def main(argv=None) -> int:
-  from adiff_jax import host_memory
-  host_memory.keep_freed_memory()      # before JAX starts its threads (XLA:CPU steps: no re-faulting)
   args = parse_args(argv)
   stats = None
   if not args.no_compile_cache:

@@ -7,8 +7,7 @@
 Text encoding + denoising loop with CFG + VAE decode, random weights (speed does not depend on
 them). Reports seconds end to end (after a warm-up run that includes compilation), UNet steps/s,
 the ratio and each side's peak resident memory (each framework in its own process,
-bench/side_by_side.py; the JAX side tunes glibc malloc as sample.py does); appends a row to
-bench/RESULTS.md with the command.
+bench/side_by_side.py); appends a row to bench/RESULTS.md with the command.
 
 --few-step (adiff-jax only): the same video with --steps DDIM steps at guidance 7.5 (official),
 --few-steps LCM steps at guidance 1.5 (AnimateLCM's settings) and --few-steps Euler "trailing"
@@ -22,10 +21,6 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-if sys.argv[-2:] == ["--side", "jax"] or "--few-step" in sys.argv:   # JAX runs in this process
-  from adiff_jax import host_memory
-  host_memory.keep_freed_memory()        # as sample.py does, before JAX starts its threads
 
 import jax
 import torch
