@@ -88,13 +88,13 @@ def loss_gap(cfg, params, n: int = 24, frames: int = 16, size: int = 64) -> list
   image_pipe = Pipeline(*image_model_alone(cfg, params))
   z = encode_video(video_pipe.vae, {"params": params["vae"]}, video)
   ctx = video_pipe.encode_prompts([caption_for(p.color, p.shape, p.direction) for p in clips])
+  applies = [(jax.jit(pp.unet.apply), {"params": pp.params["unet"]}) for pp in (video_pipe, image_pipe)]
   out = []
   for t in LOSS_T:
     tt = jnp.full((n,), t)
     noise = jax.random.normal(jax.random.key(t), z.shape)
     xt = add_noise(SamplingConfig().schedule, z, noise, tt)
-    mse = [float(jnp.mean((jax.jit(pp.unet.apply)({"params": pp.params["unet"]}, xt, tt, ctx) - noise) ** 2))
-           for pp in (video_pipe, image_pipe)]
+    mse = [float(jnp.mean((apply(variables, xt, tt, ctx) - noise) ** 2)) for apply, variables in applies]
     out.append(mse[0] / mse[1] - 1)
   return out
 

@@ -14,7 +14,7 @@ peak resident set (runtime included). The JAX side tunes glibc malloc as train.p
 (adiff_jax/host_memory.py); the PyTorch side runs as diffusers users run it.
 FLOPs per step come from XLA's cost analysis of the compiled JAX step; MFU = FLOP/s / device
 peak (adiff_jax.train.metrics_log.PEAK_FLOPS; 'n/a' where unknown, e.g. CPU). Appends a row with
-the command to bench/RESULTS.md under "## Training step".
+the command to bench/RESULTS.md under "## Training step, side by side with memory".
 """
 from __future__ import annotations
 
@@ -43,14 +43,13 @@ from bench.results import add_row, command
 def jax_step(args):
   from adiff_jax.model import random_params
   from adiff_jax.motion_module import MotionModuleConfig
-  from adiff_jax.model import ModelConfig
   from adiff_jax.sharding import make_mesh
   from adiff_jax.train import state as S
   from adiff_jax.train.config import load_config
   from adiff_jax.train.metrics_log import compiled_flops, device_peak_flops
   from adiff_jax.train.step import make_spec, make_train_step
 
-  mc = ModelConfig.sd15("v1") if args.model == "sd15" else ModelConfig.tiny()
+  mc = model_config(args)
   over = [f"dtype={args.dtype}", f"remat={str(args.remat).lower()}", "stage=motion_module"]
   if args.attention:
     over.append(f"attention_impl={args.attention}")
@@ -193,7 +192,7 @@ def main():
   if args.side == "torch":
     return side_by_side.report(step_s=torch_step(args, model_config(args)))
 
-  argv = [a for a in sys.argv[1:]]
+  argv = sys.argv[1:]
   j = side_by_side.run(__file__, argv, "jax")
   t = None if args.skip_torch else side_by_side.run(__file__, argv, "torch")
   jax_s, flops, peak, n = j["step_s"], j["flops"], j["peak"], args.batch * j["devices"]

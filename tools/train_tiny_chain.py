@@ -28,8 +28,7 @@ from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from adiff_jax.builtin import TRAINED_DIR  # noqa: E402
-DIRECTIONS = ("left", "right", "up", "down")
+from adiff_jax.builtin import MOTION_LORAS as DIRECTIONS, TRAINED_DIR  # noqa: E402
 
 
 # (run name, config, the run whose export it starts from, what it trains): the one stage table,
