@@ -10,6 +10,7 @@ stage's exported model dir:
   tiny             the motion module on 16-frame clips            configs/training/tiny.yaml
   tiny_more        the same motion module, 3x the batch           configs/training/tiny_motion_more.yaml
   tiny_long        the same again, batch 8, 900 steps, annealed   configs/training/tiny_motion_long.yaml
+  tiny_longer      1000 more steps at batch 8, cosine restarted   configs/training/tiny_motion_longer.yaml
   tiny_lora_DIR    one MotionLoRA per direction (left, right, up, down), on clips that move that
                    way only                                       configs/training/tiny_motion_lora.yaml
 then `tools/ship_tiny_model.py` packs base + motion module + MotionLoRAs into
@@ -39,8 +40,10 @@ STAGES = [("tiny_vae", "configs/training/tiny_vae.yaml", None, "the tiny VAE as 
           ("tiny", "configs/training/tiny.yaml", "tiny_image", "the motion module on 16-frame clips, base frozen"),
           ("tiny_more", "configs/training/tiny_motion_more.yaml", "tiny", "the same motion module, 3x the batch"),
           ("tiny_long", "configs/training/tiny_motion_long.yaml", "tiny_more",
-           "the same motion module, batch 8, 900 steps, learning rate annealed to 0")]
-MOTION_STAGE = "tiny_long"
+           "the same motion module, batch 8, 900 steps, learning rate annealed to 0"),
+          ("tiny_longer", "configs/training/tiny_motion_longer.yaml", "tiny_long",
+           "the same motion module, 1000 more steps at batch 8 (cosine restarted at 1.5e-3)")]
+MOTION_STAGE = "tiny_longer"
 STAGES += [(f"tiny_lora_{d}", "configs/training/tiny_motion_lora.yaml", MOTION_STAGE,
             f"MotionLoRA `{d}`: clips moving {d} only, base and motion module frozen") for d in DIRECTIONS]
 
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
   ap.add_argument("--no-ship", action="store_true", help="train only; do not pack the model")
   ap.add_argument("--from-shipped", metavar="STAGE",
                   help="start at STAGE from the shipped built-in model (its earlier stages are kept: "
-                       "their TRAINING.md rows carry over), e.g. --from-shipped tiny_long")
+                       "their TRAINING.md rows carry over), e.g. --from-shipped tiny_longer")
   args = ap.parse_args(argv)
   runs = os.path.abspath(args.runs)
   t_all = time.time()
