@@ -70,32 +70,74 @@ def score(videos, cases) -> dict:
 LOSS_T = (900, 600, 300)
 
 
-def loss_gap(cfg, params, n: int = 24, frames: int = 16, size: int = 64) -> list[float]:
-  """Denoising MSE of the video model relative to the image model alone (frames independent) on
-  `n` rendered clips with their captions, same latents, noise and t, per t in LOSS_T: < 0 where
-  the motion module predicts the noise better from the other frames. A training-health check
-  that needs no sampling."""
-  import jax
+def _loss_batch(cfg, params, n: int, frames: int, size: int, directions=None, seed: int = 0):
+  """(video pipeline, latents (n, F, h, w, 4), caption embeddings) of `n` rendered clips."""
   import jax.numpy as jnp
   from adiff_jax.data.synthetic import caption_for, render_clip, sample_params
-  from adiff_jax.schedulers import add_noise
   from adiff_jax.vae import encode_video
-  rng = np.random.default_rng(0)
-  clips = [sample_params(rng, frames=frames, size=size, background=40) for _ in range(n)]
+  rng = np.random.default_rng(seed)
+  clips = [sample_params(rng, frames=frames, size=size, background=40, directions=directions or DIRECTIONS)
+           for _ in range(n)]
   video = jnp.asarray(np.stack([render_clip(p, frames=frames, size=size) for p in clips]),
                       jnp.float32) / 127.5 - 1                                   # (n, F, S, S, 3)
-  video_pipe = Pipeline(cfg, params)
-  image_pipe = Pipeline(*image_model_alone(cfg, params))
-  z = encode_video(video_pipe.vae, {"params": params["vae"]}, video)
-  ctx = video_pipe.encode_prompts([caption_for(p.color, p.shape, p.direction) for p in clips])
-  applies = [(jax.jit(pp.unet.apply), {"params": pp.params["unet"]}) for pp in (video_pipe, image_pipe)]
+  pipe = Pipeline(cfg, params)
+  z = encode_video(pipe.vae, {"params": params["vae"]}, video)
+  return pipe, z, pipe.encode_prompts([caption_for(p.color, p.shape, p.direction) for p in clips])
+
+
+def _mse_per_t(apply, variables, z, ctx, ts=LOSS_T) -> list[float]:
+  """Denoising MSE at each t in `ts`; the noise depends on t only, so models compare equal."""
+  import jax
+  import jax.numpy as jnp
+  from adiff_jax.schedulers import add_noise
   out = []
-  for t in LOSS_T:
-    tt = jnp.full((n,), t)
+  for t in ts:
+    tt = jnp.full((z.shape[0],), t)
     noise = jax.random.normal(jax.random.key(t), z.shape)
     xt = add_noise(SamplingConfig().schedule, z, noise, tt)
-    mse = [float(jnp.mean((apply(variables, xt, tt, ctx) - noise) ** 2)) for apply, variables in applies]
-    out.append(mse[0] / mse[1] - 1)
+    out.append(float(jnp.mean((apply(variables, xt, tt, ctx) - noise) ** 2)))
+  return out
+
+
+def loss_gap(cfg, params, n: int = 24, frames: int = 16, size: int = 64) -> dict[str, list[float]]:
+  """Two training-health checks that need no sampling, per t in LOSS_T, on `n` rendered clips
+  with their captions (same latents, noise and t):
+  - "image": the video model's denoising MSE relative to the image model alone (frames
+    independent): < 0 where the motion module predicts the noise better from the other frames;
+  - "order": the video model's MSE on the same clips with their frames in a fixed shuffled order,
+    relative to the true order: > 0 only if the motion module uses the order of the frames (a
+    path), not just their agreement (a bag of frames)."""
+  import jax
+  video_pipe, z, ctx = _loss_batch(cfg, params, n, frames, size)
+  image_pipe = Pipeline(*image_model_alone(cfg, params))
+  video_apply = jax.jit(video_pipe.unet.apply)
+  variables = {"params": video_pipe.params["unet"]}
+  video = _mse_per_t(video_apply, variables, z, ctx)
+  image = _mse_per_t(jax.jit(image_pipe.unet.apply), {"params": image_pipe.params["unet"]}, z, ctx)
+  perm = np.random.default_rng(0).permutation(frames)
+  shuffled = _mse_per_t(video_apply, variables, z[:, perm], ctx)
+  return {"image": [a / b - 1 for a, b in zip(video, image)],
+          "order": [a / b - 1 for a, b in zip(shuffled, video)]}
+
+
+# A clip's direction is chosen in the first sampling steps: by t = 900 it shows in x_t already.
+LORA_LOSS_T = (990, 950, 900)
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def lora_loss_gap(cfg, params, lora, direction: str, n: int = 16, frames: int = 16,
+                  size: int = 64) -> dict[str, list[float]]:
+  """Denoising MSE with a MotionLoRA relative to the motion module alone, per t in LORA_LOSS_T, on
+  clips moving the LoRA's way and on clips moving the opposite way. A LoRA that has learnt its
+  direction lowers the first (< 0) and raises the second (> 0)."""
+  import jax
+  out = {}
+  for d in (direction, OPPOSITE[direction]):
+    pipe, z, ctx = _loss_batch(cfg, params, n, frames, size, directions=(d,), seed=1)
+    apply = jax.jit(pipe.unet.apply)
+    base = _mse_per_t(apply, {"params": pipe.params["unet"]}, z, ctx, LORA_LOSS_T)
+    with_lora = _mse_per_t(apply, {"params": pipe.params["unet"], "lora": lora}, z, ctx, LORA_LOSS_T)
+    out[d] = [a / b - 1 for a, b in zip(with_lora, base)]
   return out
 
 
@@ -116,8 +158,10 @@ def main():
   ap.add_argument("--batch", type=int, default=9)
   ap.add_argument("--no-baseline", action="store_true", help="skip the image-model-alone row")
   ap.add_argument("--loss", action="store_true",
-                  help="only the denoising-loss check: the video model's MSE relative to the image "
-                       f"model alone on rendered clips at t = {LOSS_T} (no sampling, no row)")
+                  help="only the denoising-loss checks (no sampling, no row): the video model's MSE "
+                       f"relative to the image model alone on rendered clips at t = {LOSS_T}, and each "
+                       "MotionLoRA's MSE relative to the motion module alone on clips moving its way "
+                       f"and the opposite way at t = {LORA_LOSS_T}")
   ap.add_argument("--free-init", type=int, default=0, metavar="N",
                   help="sample with N FreeInit iterations (adiff_jax/free_init.py; 0: off)")
   ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
@@ -141,7 +185,15 @@ def main():
   if args.loss:
     gaps = loss_gap(cfg, params, size=args.size, frames=args.frames)
     print(f"{name}: denoising MSE with the motion module vs the image model alone: " +
-          ", ".join(f"t={t} {g:+.1%}" for t, g in zip(LOSS_T, gaps)))
+          ", ".join(f"t={t} {g:+.1%}" for t, g in zip(LOSS_T, gaps["image"])))
+    print(f"{name}: the same clips with their frames shuffled vs in order: " +
+          ", ".join(f"t={t} {g:+.1%}" for t, g in zip(LOSS_T, gaps["order"])))
+    for d, spec in loras.items():
+      _, _, lora, _ = load([(spec, args.alpha)])
+      gaps = lora_loss_gap(cfg, params, lora, d, size=args.size, frames=args.frames)
+      print(f"MotionLoRA {d} (alpha {args.alpha:g}) vs the motion module alone: " + "; ".join(
+          f"clips moving {m}: " + ", ".join(f"t={t} {g:+.1%}" for t, g in zip(LORA_LOSS_T, gs))
+          for m, gs in gaps.items()))
     return
 
   sc = SamplingConfig(frames=args.frames, height=args.size, width=args.size, steps=args.steps,
