@@ -65,7 +65,11 @@ def _cpu_blocked_attention(q, k, v):
     probs = jax.nn.softmax(logits, axis=-1).astype(vv.dtype)
     return jnp.einsum("gqk,gkd->gqd", probs, vv, preferred_element_type=jnp.float32).astype(qq.dtype)
 
-  out = jax.lax.map(one, (qh, kh, vh))                               # (n/g, g, Lq, D)
+  # Checkpointed: under jax.grad the map would otherwise stack every group's softmax
+  # probabilities for the backward pass (one (B*H, Lq, Lk) f32 array per layer: 16 x 34 MB in the
+  # tiny training step); recomputing a group's logits from its q and k in the backward is cheaper
+  # on CPU than the memory traffic. No effect without differentiation (sampling).
+  out = jax.lax.map(jax.checkpoint(one), (qh, kh, vh))                # (n/g, g, Lq, D)
   return out.reshape(b, h, lq, d).transpose(0, 2, 1, 3)
 
 

@@ -25,6 +25,23 @@ def test_matches_torch_sdpa(b, lq, lk, h, d, causal):
   np.testing.assert_allclose(got, want.permute(0, 2, 1, 3).numpy(), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("lq", [7, 300])     # one einsum; heads in checkpointed blocks
+def test_gradients_match_torch_autograd(lq):
+  """The training path: d(sum(out * w))/d(q, k, v) against torch autograd through SDPA. The
+  blocked CPU path recomputes its softmax in the backward pass (jax.checkpoint)."""
+  import jax
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.standard_normal((2, lq, 3, 4)).astype(np.float32) for _ in range(3))
+  w = rng.standard_normal((2, lq, 3, 4)).astype(np.float32)
+  loss = lambda q, k, v: jnp.sum(dot_product_attention(q, k, v) * w)
+  got = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+  t = [torch.from_numpy(a).permute(0, 2, 1, 3).requires_grad_() for a in (q, k, v)]
+  out = torch.nn.functional.scaled_dot_product_attention(*t)
+  (out * torch.from_numpy(w).permute(0, 2, 1, 3)).sum().backward()
+  for g, tt in zip(got, t):
+    np.testing.assert_allclose(np.asarray(g), tt.grad.permute(0, 2, 1, 3).numpy(), atol=5e-5, rtol=1e-4)
+
+
 def test_mask_and_bad_input():
   q = jnp.ones((1, 4, 2, 8))
   mask = jnp.array([True, True, False, False])[None, None, None, :]
