@@ -50,7 +50,7 @@ def test_shipped_model_is_complete_and_records_how_it_was_made():
     recipe = f.read()
   assert "tools/train_tiny_chain.py" in recipe and "at commit" in recipe
   for cfg in ("tiny_vae.yaml", "tiny_image.yaml", "tiny.yaml", "tiny_motion_more.yaml",
-              "tiny_motion_long.yaml", "tiny_motion_lora.yaml"):
+              "tiny_motion_long.yaml", "tiny_motion_longer.yaml", "tiny_motion_lora.yaml"):
     assert f"configs/training/{cfg}" in recipe
     assert os.path.isfile(os.path.join("configs", "training", cfg))
   for d in builtin.MOTION_LORAS:
@@ -70,7 +70,7 @@ def test_shipped_model_draws_the_prompted_objects():
   """What the shipped model does today (bench/motion_eval.py has the full figures; it does NOT
   reach issue 14's coherence goal, see README): an object in nearly every frame, in the prompted
   colour, and at least one of the four clips one steadily moving object by the project's tracker
-  (2 of these 4 with the shipped weights; 28% of 18 clips in bench/motion_eval.py, 0% for the
+  (44% of 18 clips in bench/motion_eval.py with the shipped weights, 0% for the
   image model alone). Random weights or a broken sampling path give noise and fail this."""
   videos = _sample()
   tracks = [clip_coherence(v) for v in videos]
