@@ -1,6 +1,6 @@
 """Trains the built-in tiny model end to end and packs it (issue 14's chain, one command):
 
-  python tools/train_tiny_chain.py                 # ~3 h on 2 CPU cores
+  python tools/train_tiny_chain.py                 # ~4 h on 2 CPU cores
   python tools/train_tiny_chain.py --no-ship       # train only (pack later: tools/ship_tiny_model.py)
 
 Stages, each `python train.py --config ...` in its own process, each reading the previous
