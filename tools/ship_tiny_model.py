@@ -37,22 +37,29 @@ def stage_summary(run_dir: str) -> dict:
           "loss": sum(r["loss"] for r in steps[-4:]) / len(steps[-4:])}
 
 
-def earlier_rows(path: str) -> tuple[dict, str]:
-  """The stage rows of an earlier TRAINING.md ({stage: table line}) and its commit phrase."""
+def earlier_rows(path: str) -> dict:
+  """The stage rows of an earlier TRAINING.md, {stage: table line}, each ending in the commit its
+  stage ran at (a row of the older six-column table gets the file's "at commit X")."""
   if not os.path.isfile(path):
-    return {}, ""
+    return {}
   text = open(path).read()
-  rows = {line.split("|")[1].strip(): line for line in text.splitlines()
-          if line.startswith("| ") and not line.startswith("| stage")}
-  m = re.search(r"at (commit .*?), then packed", text, re.S)
-  return rows, (" ".join(m.group(1).split()) if m else "an earlier commit")
+  m = re.search(r"at commit (\w+)", text)
+  commit = m.group(1) if m else "?"
+  rows = {}
+  for line in text.splitlines():
+    if line.startswith("| ") and not line.startswith("| stage"):
+      cells = line.rstrip().rstrip("|").split("|")[1:]
+      if len(cells) == 6:
+        cells.append(f" {commit} ")
+      rows[cells[0].strip()] = "|" + "|".join(cells) + "|"
+  return rows
 
 
 def training_md(runs: str, commit: str, earlier: str = "") -> str:
   """TRAINING.md: one row per stage of STAGES from its run dir under `runs`; a stage whose run dir
   is absent (the chain resumed from a shipped model) keeps its row from the `earlier` TRAINING.md,
   marked as such."""
-  old, old_commit = earlier_rows(earlier) if earlier else ({}, "")
+  old = earlier_rows(earlier) if earlier else {}
   rows, reused, total = [], [], 0.0
   for name, cfg, _, what in STAGES:
     run = os.path.join(runs, name)
@@ -63,16 +70,17 @@ def training_md(runs: str, commit: str, earlier: str = "") -> str:
       continue
     s = stage_summary(run)
     total += s["minutes"]
-    rows.append(f"| {name} | `{cfg}` | {what} | {s['steps']} | {s['minutes']:.1f} | {s['loss']:.4f} |")
+    rows.append(f"| {name} | `{cfg}` | {what} | {s['steps']} | {s['minutes']:.1f} | {s['loss']:.4f} | {commit} |")
   intro = ("Trained from scratch by `train.py` on the built-in synthetic moving-shapes dataset on "
            f"2 CPU cores by `python tools/train_tiny_chain.py` at commit {commit}, then packed by "
            "`tools/ship_tiny_model.py` (weights cast to fp16; LoRA scales kept in f32).")
   if reused:
-    intro += (f" Stages {', '.join(reused)} are an earlier run's (at {old_commit}; their rows are "
-              "copied from its TRAINING.md): this run started from the model that run shipped, its "
-              "fp16 weights read back as f32.")
+    intro += (f" Stages {', '.join(reused)} are earlier runs' (their rows, with the commit each ran "
+              "at, are copied from the previous TRAINING.md): this run started from the model they "
+              "shipped, its fp16 weights read back as f32.")
   lines = ["# The built-in tiny model", "", intro, "",
-           "| stage | config | what it trains | steps | minutes | final loss |", "|---|---|---|---|---|---|",
+           "| stage | config | what it trains | steps | minutes | final loss | commit |",
+           "|---|---|---|---|---|---|---|",
            *rows,
            "", f"Total: {total:.0f} minutes of wall-clock time (compilation included; the machine also "
            "ran other work, tests and evaluations, during the chain, so a quiet machine is faster). "
