@@ -70,8 +70,8 @@ def score(videos, cases) -> dict:
 LOSS_T = (900, 600, 300)
 
 
-def _loss_batch(cfg, params, n: int, frames: int, size: int, directions=None, seed: int = 0):
-  """(video pipeline, latents (n, F, h, w, 4), caption embeddings) of `n` rendered clips."""
+def _loss_batch(pipe: Pipeline, n: int, frames: int, size: int, directions=None, seed: int = 0):
+  """(latents (n, F, h, w, 4), caption embeddings) of `n` rendered clips, encoded by `pipe`."""
   import jax.numpy as jnp
   from adiff_jax.data.synthetic import caption_for, render_clip, sample_params
   from adiff_jax.vae import encode_video
@@ -80,9 +80,8 @@ def _loss_batch(cfg, params, n: int, frames: int, size: int, directions=None, se
            for _ in range(n)]
   video = jnp.asarray(np.stack([render_clip(p, frames=frames, size=size) for p in clips]),
                       jnp.float32) / 127.5 - 1                                   # (n, F, S, S, 3)
-  pipe = Pipeline(cfg, params)
-  z = encode_video(pipe.vae, {"params": params["vae"]}, video)
-  return pipe, z, pipe.encode_prompts([caption_for(p.color, p.shape, p.direction) for p in clips])
+  z = encode_video(pipe.vae, {"params": pipe.params["vae"]}, video)
+  return z, pipe.encode_prompts([caption_for(p.color, p.shape, p.direction) for p in clips])
 
 
 def _mse_per_t(apply, variables, z, ctx, ts=LOSS_T) -> list[float]:
@@ -99,23 +98,23 @@ def _mse_per_t(apply, variables, z, ctx, ts=LOSS_T) -> list[float]:
   return out
 
 
-def loss_gap(cfg, params, n: int = 24, frames: int = 16, size: int = 64) -> dict[str, list[float]]:
+def loss_gap(pipe: Pipeline, apply, n: int = 24, frames: int = 16, size: int = 64) -> dict[str, list[float]]:
   """Two training-health checks that need no sampling, per t in LOSS_T, on `n` rendered clips
   with their captions (same latents, noise and t):
   - "image": the video model's denoising MSE relative to the image model alone (frames
     independent): < 0 where the motion module predicts the noise better from the other frames;
   - "order": the video model's MSE on the same clips with their frames in a fixed shuffled order,
     relative to the true order: > 0 only if the motion module uses the order of the frames (a
-    path), not just their agreement (a bag of frames)."""
+    path), not just their agreement (a bag of frames).
+  `pipe`: the video model's pipeline; `apply`: its jitted `pipe.unet.apply`."""
   import jax
-  video_pipe, z, ctx = _loss_batch(cfg, params, n, frames, size)
-  image_pipe = Pipeline(*image_model_alone(cfg, params))
-  video_apply = jax.jit(video_pipe.unet.apply)
-  variables = {"params": video_pipe.params["unet"]}
-  video = _mse_per_t(video_apply, variables, z, ctx)
+  z, ctx = _loss_batch(pipe, n, frames, size)
+  image_pipe = Pipeline(*image_model_alone(pipe.config, pipe.params))
+  variables = {"params": pipe.params["unet"]}
+  video = _mse_per_t(apply, variables, z, ctx)
   image = _mse_per_t(jax.jit(image_pipe.unet.apply), {"params": image_pipe.params["unet"]}, z, ctx)
   perm = np.random.default_rng(0).permutation(frames)
-  shuffled = _mse_per_t(video_apply, variables, z[:, perm], ctx)
+  shuffled = _mse_per_t(apply, variables, z[:, perm], ctx)
   return {"image": [a / b - 1 for a, b in zip(video, image)],
           "order": [a / b - 1 for a, b in zip(shuffled, video)]}
 
@@ -125,16 +124,15 @@ LORA_LOSS_T = (990, 950, 900)
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
-def lora_loss_gap(cfg, params, lora, direction: str, n: int = 16, frames: int = 16,
+def lora_loss_gap(pipe: Pipeline, apply, lora, direction: str, n: int = 16, frames: int = 16,
                   size: int = 64) -> dict[str, list[float]]:
   """Denoising MSE with a MotionLoRA relative to the motion module alone, per t in LORA_LOSS_T, on
   clips moving the LoRA's way and on clips moving the opposite way. A LoRA that has learnt its
-  direction lowers the first (< 0) and raises the second (> 0)."""
-  import jax
+  direction lowers the first (< 0) and raises the second (> 0). `pipe`, `apply` as in loss_gap:
+  one jitted apply for every LoRA, so each variable structure compiles once."""
   out = {}
   for d in (direction, OPPOSITE[direction]):
-    pipe, z, ctx = _loss_batch(cfg, params, n, frames, size, directions=(d,), seed=1)
-    apply = jax.jit(pipe.unet.apply)
+    z, ctx = _loss_batch(pipe, n, frames, size, directions=(d,), seed=1)
     base = _mse_per_t(apply, {"params": pipe.params["unet"]}, z, ctx, LORA_LOSS_T)
     with_lora = _mse_per_t(apply, {"params": pipe.params["unet"], "lora": lora}, z, ctx, LORA_LOSS_T)
     out[d] = [a / b - 1 for a, b in zip(with_lora, base)]
@@ -183,14 +181,17 @@ def main():
   if cfg.motion is None:
     sys.exit(f"{name} has no motion module to evaluate")
   if args.loss:
-    gaps = loss_gap(cfg, params, size=args.size, frames=args.frames)
+    import jax
+    pipe = Pipeline(cfg, params)
+    apply = jax.jit(pipe.unet.apply)
+    gaps = loss_gap(pipe, apply, size=args.size, frames=args.frames)
     print(f"{name}: denoising MSE with the motion module vs the image model alone: " +
           ", ".join(f"t={t} {g:+.1%}" for t, g in zip(LOSS_T, gaps["image"])))
     print(f"{name}: the same clips with their frames shuffled vs in order: " +
           ", ".join(f"t={t} {g:+.1%}" for t, g in zip(LOSS_T, gaps["order"])))
     for d, spec in loras.items():
       _, _, lora, _ = load([(spec, args.alpha)])
-      gaps = lora_loss_gap(cfg, params, lora, d, size=args.size, frames=args.frames)
+      gaps = lora_loss_gap(pipe, apply, lora, d, size=args.size, frames=args.frames)
       print(f"MotionLoRA {d} (alpha {args.alpha:g}) vs the motion module alone: " + "; ".join(
           f"clips moving {m}: " + ", ".join(f"t={t} {g:+.1%}" for t, g in zip(LORA_LOSS_T, gs))
           for m, gs in gaps.items()))
