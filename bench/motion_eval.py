@@ -139,6 +139,21 @@ def lora_loss_gap(pipe: Pipeline, apply, lora, direction: str, n: int = 16, fram
   return out
 
 
+
+DIRECTION_T = (900, 600)
+
+
+def direction_mse(pipe: Pipeline, apply, n: int = 16, frames: int = 16, size: int = 64) -> dict[str, list[float]]:
+  """The model's denoising MSE on `n` clips moving each way, relative to its mean over the four
+  directions, per t in DIRECTION_T. A model that has learnt a direction (e.g. a motion module
+  fine-tuned on clips moving left only) has its lowest figure there; all ~0: no direction."""
+  mse = {}
+  for d in DIRECTIONS:
+    z, ctx = _loss_batch(pipe, n, frames, size, directions=(d,), seed=1)
+    mse[d] = _mse_per_t(apply, {"params": pipe.params["unet"]}, z, ctx, DIRECTION_T)
+  mean = np.mean(list(mse.values()), axis=0)
+  return {d: [float(a / m - 1) for a, m in zip(v, mean)] for d, v in mse.items()}
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--ckpt", default=None, help="model dir (default: the built-in tiny model)")
@@ -159,7 +174,8 @@ def main():
                   help="only the denoising-loss checks (no sampling, no row): the video model's MSE "
                        f"relative to the image model alone on rendered clips at t = {LOSS_T}, and each "
                        "MotionLoRA's MSE relative to the motion module alone on clips moving its way "
-                       f"and the opposite way at t = {LORA_LOSS_T}")
+                       f"and the opposite way at t = {LORA_LOSS_T}, and the model's MSE per direction "
+                       f"of the clips' motion at t = {DIRECTION_T}")
   ap.add_argument("--free-init", type=int, default=0, metavar="N",
                   help="sample with N FreeInit iterations (adiff_jax/free_init.py; 0: off)")
   ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
@@ -189,6 +205,9 @@ def main():
           ", ".join(f"t={t} {g:+.1%}" for t, g in zip(LOSS_T, gaps["image"])))
     print(f"{name}: the same clips with their frames shuffled vs in order: " +
           ", ".join(f"t={t} {g:+.1%}" for t, g in zip(LOSS_T, gaps["order"])))
+    per_dir = direction_mse(pipe, apply, size=args.size, frames=args.frames)
+    print(f"{name}: MSE on clips moving each way vs the four directions' mean: " + "; ".join(
+        f"{d} " + " / ".join(f"t={t} {g:+.1%}" for t, g in zip(DIRECTION_T, gs)) for d, gs in per_dir.items()))
     for d, spec in loras.items():
       _, _, lora, _ = load([(spec, args.alpha)])
       gaps = lora_loss_gap(pipe, apply, lora, d, size=args.size, frames=args.frames)
