@@ -78,11 +78,18 @@ def jax_step(args):
     batch = jax.device_put(batch, batch_sh)
     del trainable
     gc.collect()
+    from adiff_jax import host_memory
+    host_memory.release_freed_memory()      # the numpy weights' pages, as the Trainer does
     _, jitted = make_train_step(spec, state_sh, frozen_sh, batch_sh, rep)
     t0 = time.perf_counter()
     compiled = jitted.lower(spec, state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
+    host_memory.release_freed_memory()      # the compiler's working memory, as the Trainer does
     flops = compiled_flops(compiled)
+    mem = compiled.memory_analysis()
+    if mem is not None:   # where the step's memory goes, as XLA planned it (GB)
+      print("jax step buffers GB: " + ", ".join(
+          f"{k} {getattr(mem, k + '_size_in_bytes') / 1e9:.2f}" for k in ("argument", "output", "alias", "temp")))
     times = []
     for i in range(args.steps + 1):
       t0 = time.perf_counter()

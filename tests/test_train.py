@@ -48,6 +48,11 @@ def config(out, *extra):
                                      "checkpoint.every=2", "export.at_end=false", *extra])
 
 
+
+def loaded_frozen(tr) -> dict:
+  """The stage's frozen weights as loaded afresh from its model source (not the trainer's copy)."""
+  return S.split_model(tr.cfg, S.model_tree(tr.cfg, S.load_base(tr.cfg)))[1]
+
 RUN_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import jax
@@ -121,7 +126,7 @@ def straight(tmp_path_factory, background):
   """The reference: STEPS steps on one device, checkpoints every 2 steps, exported at the end."""
   out = tmp_path_factory.mktemp("straight")
   tr = Trainer(config(out, "export.at_end=true"), export_files=export_stage)   # as train.py
-  initial = jax.tree.map(np.array, tr.frozen_host)
+  initial = loaded_frozen(tr)
   hist = tr.run()
   yield tr, hist, initial, out
   tr.close()
@@ -278,7 +283,7 @@ def test_lora_stages_train_only_lora(stage, straight, tmp_path):
   tr = Trainer(config(tmp_path, f"stage={stage}", "lora_rank=4", "lora_alpha=0.5", "steps=2",
                       "checkpoint.every=0", "export.at_end=true", f"model={base}"),
                export_files=export_stage)
-  initial = jax.tree.map(np.array, tr.frozen_host)
+  initial = loaded_frozen(tr)
   tr.run()
   trained = flatten(tr.trained_tree())
   trainable = set(flatten(tr.state["params"]))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from adiff_jax import host_memory
 from adiff_jax.sharding import DATA, make_mesh
 from adiff_jax.train import distributed, export as export_lib
 from adiff_jax.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -56,9 +57,11 @@ class Trainer:
     self.mesh = make_mesh(frames=cfg.mesh.frames)
     self.global_batch = cfg.batch_size * self.mesh.shape[DATA]
     self.replicated = NamedSharding(self.mesh, P())
-    self.base = load_base(cfg)
-    trainable, frozen = split_model(cfg, model_tree(cfg, self.base))
-    self.frozen_host = frozen                   # the originals, for exports (never modified)
+    base = load_base(cfg)
+    trainable, frozen = split_model(cfg, model_tree(cfg, base))
+    # Only the configs and metadata are kept: the weights live on the devices from here on (the
+    # frozen ones are never an output of the step, so exports read them back from there).
+    self.base = dataclasses.replace(base, params={})
     self.spec = make_spec(cfg, self.base.config)
 
     init = functools.partial(init_state, self.spec.optim)
@@ -68,6 +71,8 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       self.frozen = put(frozen, self.frozen_sh)
       self.state = jax.jit(init, out_shardings=self.state_sh)(put(trainable, self.state_sh["params"]))
+    del base, trainable, frozen
+    host_memory.release_freed_memory()      # the numpy copies' pages (no-op off glibc)
     self.batches = HostBatches(cfg, self.global_batch, jax.process_index(), jax.process_count(),
                                source=source)
     self.ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), cfg.checkpoint.keep)
@@ -109,9 +114,10 @@ class Trainer:
     self.ckpt.save(step, self.state, {"shards": shards}, to_dict(self.cfg))
 
   def trained_tree(self) -> dict:
-    """Full model tree on the host: gathered trainable weights + the untouched frozen originals."""
+    """Full model tree on the host: gathered trainable weights + the frozen ones (replicated,
+    never modified: each process reads its own copy)."""
     params = jax.jit(lambda p: p, out_shardings=self.replicated)(self.state["params"])
-    return merge(jax.tree.map(to_host, params), self.frozen_host)
+    return merge(jax.tree.map(to_host, params), jax.tree.map(to_host, self.frozen))
 
   # -- step --------------------------------------------------------------------------------
   def global_batch_arrays(self, batch: dict) -> dict:
@@ -130,10 +136,13 @@ class Trainer:
       batch_sh = {k: v.sharding for k, v in batch.items()}
       self._step_fn, jitted = make_train_step(self.spec, self.state_sh, self.frozen_sh, batch_sh,
                                               self.replicated, self.cfg.compiler_options)
-      if self.peak is not None:   # cost analysis costs a compile: only where MFU means something
-        with jax.set_mesh(self.mesh):
-          self.flops_per_step = compiled_flops(
-              jitted.lower(self.spec, self.state, self.frozen, batch).compile())
+      with jax.set_mesh(self.mesh):
+        compiled = jitted.lower(self.spec, self.state, self.frozen, batch).compile()
+      if self.peak is not None:   # FLOPs per step, for MFU: only where a peak is known
+        self.flops_per_step = compiled_flops(compiled)
+      # The compiler's freed working memory (GBs at SD size) would otherwise stay resident beside
+      # the step's buffers (host_memory.keep_freed_memory); the jitted step reuses this compile.
+      host_memory.release_freed_memory()
     return self._step_fn
 
   def step_once(self, host_batch: dict):
