@@ -9,6 +9,9 @@ Four parts, each in its OWN process (allocators and runtimes interfere otherwise
   torch_sample  diffusers AnimateDiffPipeline, fp16 + SDPA, same video and DDIM settings
   jax_train     one motion-module training step (our jitted step), bf16, 1x16x256x256
   torch_train   diffusers UNetMotionModel step, bf16 autocast, motion modules trainable, AdamW
+  jax_attention every attention shape of that video (spatial self, 77-token cross, 16-token
+                temporal; B = 2 x 16 frames for CFG) through cuDNN and through XLA, bf16, forward
+                and forward+backward: which to route where (adiff_jax/attention.py)
 Random weights throughout (speed does not depend on them). Each part appends one JSON line per
 measurement to OUT/results.jsonl as soon as it has it, so a part killed by its timeout keeps
 what it measured. The parent gives every part a timeout out of one total budget; time a part
@@ -43,9 +46,10 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PARTS = ("jax_sample", "torch_sample", "jax_train", "torch_train")
+PARTS = ("jax_sample", "torch_sample", "jax_train", "torch_train", "jax_attention")
 # Share of the total budget reserved for each part (JAX compiles dominate its parts).
-SHARE = {"jax_sample": 0.38, "torch_sample": 0.17, "jax_train": 0.30, "torch_train": 0.15}
+SHARE = {"jax_sample": 0.34, "torch_sample": 0.15, "jax_train": 0.28, "torch_train": 0.14,
+         "jax_attention": 0.09}
 PROMPT, NEGATIVE = "a red circle moving left", "blurry"
 SECTION = "GPU side by side (bench/gpu.sh)"
 HEADER = ("adiff-jax vs diffusers, each in its own process, random weights. MFU = analytic FLOPs "
@@ -379,6 +383,61 @@ def part_torch_train(sz: Sizes, emit):
   emit("peak_mem_gib", torch_peak_gib(gpu), "GiB")
 
 
+def attention_shapes(sz: Sizes) -> list[tuple[str, int, int, int, int, int]]:
+  """(kind, B, Lq, Lk, heads, head dim) of every distinct attention in the sampled video."""
+  mc = model_config(sz)
+  u, m = mc.unet, mc.motion
+  b = 2 * sz.batch * sz.frames                           # CFG doubles the batch; frames are images
+  lat = sz.size // mc.latent_factor
+  out = []
+  for level, (ch, heads) in enumerate(zip(u.block_out_channels, u.heads)):
+    side = lat >> level
+    n = side * side
+    if u.cross_attention_levels[level]:
+      out += [(f"self {side}x{side}", b, n, n, heads, ch // heads),
+              (f"cross {side}x{side}", b, n, 77, heads, ch // heads)]
+    out.append((f"temporal {side}x{side}", 2 * sz.batch * n, sz.frames, sz.frames, m.num_heads,
+                ch // m.num_heads))
+  # The mid block's transformer at the lowest level (SD1.5: 8x8, head dim 160).
+  out += [(f"mid self {side}x{side}", b, n, n, heads, ch // heads),
+          (f"mid cross {side}x{side}", b, n, 77, heads, ch // heads)]
+  return out
+
+
+def part_jax_attention(sz: Sizes, emit):
+  import jax
+  import jax.numpy as jnp
+  from adiff_jax.attention import dot_product_attention
+  jax_env(emit)
+  dtype = jnp.bfloat16 if sz.dtype == "bf16" else jnp.float32
+  # The routing question first (short sequences: 16-token temporal, 77-token cross), then the
+  # long spatial ones, which cuDNN's flash kernel is for; each result is written as it comes.
+  order = sorted(attention_shapes(sz), key=lambda a: (not a[0].startswith(("temporal", "cross", "mid cross")), a[2]))
+  for kind, b, lq, lk, h, d in order:
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (b, lq, h, d), dtype)
+    k, v = (jax.random.normal(kk, (b, lk, h, d), dtype) for kk in keys[1:])
+    outs = {}
+    for impl in ("cudnn", "xla"):
+      fwd = jax.jit(lambda q, k, v, impl=impl: dot_product_attention(q, k, v, attention_impl=impl))
+      grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(
+          dot_product_attention(q, k, v, attention_impl=impl).astype(jnp.float32)), argnums=(0, 1, 2)))
+      rec = {}
+      for what, fn in (("fwd", fwd), ("fwd_bwd", grad)):
+        try:
+          jax.block_until_ready(fn(q, k, v))                    # compile + warm-up
+          rec[what] = round(1e3 * statistics.median(
+              timed(lambda: fn(q, k, v), jax.block_until_ready) for _ in range(5)), 3)
+        except Exception as e:   # cuDNN refusing a shape (or CPU) is a result, not a failure
+          rec[what] = None
+          rec[what + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+      if rec["fwd"] is not None:
+        outs[impl] = fwd(q, k, v).astype(jnp.float32)
+      if impl == "xla" and len(outs) == 2:   # a correctness check on the GPU, for free
+        rec["max_abs_diff_vs_cudnn"] = float(jnp.max(jnp.abs(outs["cudnn"] - outs["xla"])))
+      emit(f"attn {kind} {impl}", rec, "ms", shape=[b, lq, lk, h, d])
+
+
 def run_child(part: str, sz: Sizes, out: str) -> None:
   emit = Emitter(os.path.join(out, "results.jsonl"), part)
   try:
@@ -486,12 +545,44 @@ def make_rows(res: dict, sz: Sizes, cmd: str) -> list[str]:
   return rows
 
 
+ATTN_SECTION = "GPU attention routing (bench/gpu.sh, part jax_attention)"
+ATTN_HEADER = ("Each attention shape of the sampled video, cuDNN fused attention vs XLA "
+               "(`attention_impl`), median ms of 5 after a warm-up; n/a: that path refused the "
+               "shape (results.jsonl has the error).\n\n"
+               "| date | device | attention | B, Lq, Lk, heads, head dim | dtype | cuDNN fwd ms | XLA fwd ms "
+               "| cuDNN fwd+bwd ms | XLA fwd+bwd ms | faster (fwd / fwd+bwd) | command |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def attention_rows(res: dict, sz: Sizes, cmd: str) -> list[str]:
+  recs = res.get("jax_attention", {})
+  device = ((recs.get("env") or {}).get("value") or {}).get("device", "?")
+  rows = []
+  for name, rec in recs.items():
+    if not name.startswith("attn ") or not name.endswith(" cudnn"):
+      continue
+    kind = name[len("attn "):-len(" cudnn")]
+    c = rec["value"]
+    x = (recs.get(f"attn {kind} xla") or {}).get("value") or {}
+    fmt = lambda t: "n/a" if t is None else f"{t:.3f}"
+    faster = " / ".join(
+        "n/a" if c.get(w) is None or x.get(w) is None else ("cuDNN" if c[w] < x[w] else "XLA")
+        for w in ("fwd", "fwd_bwd"))
+    cells = [time.strftime("%Y-%m-%d"), device, kind, ", ".join(map(str, rec.get("shape", []))), sz.dtype,
+             fmt(c.get("fwd")), fmt(x.get("fwd")), fmt(c.get("fwd_bwd")), fmt(x.get("fwd_bwd")), faster,
+             f"`{cmd}`"]
+    rows.append("| " + " | ".join(cells) + " |")
+  return rows
+
+
 def append_rows(rows_file: str, results: str) -> None:
   from bench.results import add_row
   rows = [line for line in open(rows_file) if line.startswith("| 2")]   # data rows (dated)
   for row in rows:
-    add_row(results, SECTION, HEADER, row)
-  print(f"added {len(rows)} rows to {results} under '## {SECTION}'")
+    # The attention table's rows have 11 cells, the side-by-side table's 13.
+    attn = row.count(" | ") == 10
+    add_row(results, ATTN_SECTION if attn else SECTION, ATTN_HEADER if attn else HEADER, row)
+  print(f"added {len(rows)} rows to {results} under '## {SECTION}' / '## {ATTN_SECTION}'")
 
 
 def main():
@@ -536,12 +627,18 @@ def main():
       Emitter(status_path, part)("status", status, seconds=round(secs, 1))
   res = load_results(args.out)
   rows = make_rows(res, sz, cmd)
+  attn_rows = attention_rows(res, sz, cmd)
   with open(os.path.join(args.out, "rows.md"), "w") as fh:
     fh.write(f"## {SECTION}\n\n{HEADER}\n" + "\n".join(rows) + "\n")
+    if attn_rows:
+      fh.write(f"\n## {ATTN_SECTION}\n\n{ATTN_HEADER}\n" + "\n".join(attn_rows) + "\n")
   print(f"\nrows for bench/RESULTS.md (also in {os.path.join(args.out, 'rows.md')}; "
         f"add them with: python bench/gpu_bench.py --append-rows {os.path.join(args.out, 'rows.md')}):")
   print(HEADER.split("\n\n")[1])
   print("\n".join(rows))
+  if attn_rows:
+    print("\n" + ATTN_HEADER.split("\n\n")[1])
+    print("\n".join(attn_rows))
   print(f"total {time.perf_counter() - start:.0f} s; " +
         ", ".join(f"{p}: {res.get(p, {}).get('status', {}).get('value')}" for p in parts))
 

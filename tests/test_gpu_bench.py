@@ -8,10 +8,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("jax_sample", "torch_sample", "jax_train", "torch_train")
+PARTS = ("jax_sample", "torch_sample", "jax_train", "torch_train", "jax_attention")
 TIMINGS = {"jax_sample": ("e2e_s", "denoise_s_per_step", "vae_decode_s"),
            "torch_sample": ("e2e_s", "denoise_s_per_step", "vae_decode_s"),
-           "jax_train": ("step_s", "compile_s"), "torch_train": ("step_s",)}
+           "jax_train": ("step_s", "compile_s"), "torch_train": ("step_s",), "jax_attention": ()}
 # One xdist worker runs this module, so the reduced benchmark (its module fixture) runs once.
 pytestmark = pytest.mark.xdist_group("gpu_bench")
 
@@ -42,6 +42,16 @@ def test_every_part_ran_and_timed(reduced_run):
   # The diffusers half really ran: its own process reported diffusers and timed the pipeline.
   assert res["torch_sample"]["env"]["value"]["diffusers"]
   assert res["torch_sample"]["denoise_s"]["value"] > 0
+  # The attention part timed every shape of the video through XLA; cuDNN refused each on CPU
+  # (recorded with the reason, not a crash).
+  attn = {n: r for n, r in res["jax_attention"].items() if n.startswith("attn ")}
+  kinds = {k for k, *_ in attention_shapes_reduced()}
+  assert {n[len("attn "):].rsplit(" ", 1)[0] for n in attn} == kinds
+  for n, r in attn.items():
+    if n.endswith(" xla"):
+      assert r["value"]["fwd"] > 0 and r["value"]["fwd_bwd"] > 0, r
+    else:
+      assert r["value"]["fwd"] is None and r["value"]["fwd_error"], r
   # CPU: no memory_stats peak and no peak FLOP/s -> null, not a crash.
   assert res["jax_sample"]["peak_mem_gib"]["value"] is None
   assert res["jax_sample"]["mfu_e2e_pct"]["value"] is None
@@ -51,7 +61,8 @@ def test_rows_file(reduced_run, tmp_path):
   out, stdout, _ = reduced_run
   rows_md = (out / "rows.md").read_text()
   rows = [line for line in rows_md.splitlines() if line.startswith("| 2")]
-  assert len(rows) == 6 and all("`bash bench/gpu.sh --reduced`" in r for r in rows)
+  n_attn = len(attention_shapes_reduced())
+  assert len(rows) == 6 + n_attn and all("`bash bench/gpu.sh --reduced`" in r for r in rows)
   e2e = next(r for r in rows if "sampling end to end" in r)
   assert e2e.split("|")[8].strip().endswith("x"), e2e   # speed-up vs diffusers is filled in
   assert rows[0] in stdout
@@ -62,5 +73,16 @@ def test_rows_file(reduced_run, tmp_path):
                   "--results", str(results)], cwd=ROOT, check=True, capture_output=True)
   text = results.read_text()
   dated = [line for line in text.splitlines() if line.startswith("| 20")]   # rows start with their date
-  assert "## GPU side by side (bench/gpu.sh)" in text and len(dated) == 6
+  assert "## GPU side by side (bench/gpu.sh)" in text and len(dated) == 6 + n_attn
   assert text.index("## Other") < text.index("## GPU side by side")
+  # The attention rows go under their own section, with its header, not the side-by-side table.
+  side, attn = text.split("## GPU attention routing")
+  assert len([l for l in side.splitlines() if l.startswith("| 20")]) == 6
+  assert len([l for l in attn.splitlines() if l.startswith("| 20")]) == n_attn
+  assert "| cuDNN fwd ms |" in attn
+
+
+def attention_shapes_reduced():
+  sys.path.insert(0, ROOT)
+  from bench.gpu_bench import REDUCED, attention_shapes
+  return attention_shapes(REDUCED)
