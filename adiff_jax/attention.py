@@ -93,8 +93,7 @@ def _backend() -> str:
 
 def _cudnn_allowed(q, k, mask) -> bool:
   # Head dims up to 256: cuDNN takes them on Hopper and later (SD1.5's 1280-channel levels have
-  # head dim 160); on older GPUs JAX's own check refuses them when traced, and
-  # dot_product_attention falls back to XLA with one warning.
+  # head dim 160); elsewhere the probe below fails and we fall back to XLA with one warning.
   d = q.shape[-1]
   return (
       _backend() == "gpu"
@@ -102,7 +101,27 @@ def _cudnn_allowed(q, k, mask) -> bool:
       and d <= 256 and d % 8 == 0
       and k.shape[-1] == d
       and mask is None
+      and _cudnn_compiles(d, jnp.dtype(q.dtype).name)
   )
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_compiles(head_dim: int, dtype: str) -> bool:
+  """Whether cuDNN's fused attention, forward and backward, compiles for this head dim here.
+
+  JAX refuses most unsupported shapes when the call is traced (caught in dot_product_attention),
+  but a refusal at XLA compile time would fail the whole model's compile with no fallback: a
+  small stand-alone compile per head dim (seconds, once per process) finds that first."""
+  x = jax.ShapeDtypeStruct((1, 128, 1, head_dim), jnp.dtype(dtype))
+  loss = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(
+      q, k, v, implementation="cudnn").astype(jnp.float32))
+  try:
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
+    return True
+  except Exception as e:
+    _warn_fallback(f"cuDNN fused attention does not compile for head dim {head_dim} {dtype} "
+                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using XLA attention")
+    return False
 
 
 def dot_product_attention(

@@ -1,4 +1,5 @@
 """The attention function against torch's scaled_dot_product_attention (every CPU code path)."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,3 +71,24 @@ def test_cudnn_fallback_warns_once(monkeypatch, caplog):
   want = A.dot_product_attention(q, k, v, attention_impl="xla")
   for o in out:
     np.testing.assert_allclose(np.asarray(o), np.asarray(want), rtol=0, atol=0)
+
+
+def test_cudnn_probe_falls_back_where_it_does_not_compile(monkeypatch, caplog):
+  """Head dims up to 256 are offered to cuDNN on GPU only after a stand-alone compile of its
+  forward and backward succeeds; where it does not (here: a CPU posing as the GPU backend), the
+  model's attention takes XLA, with one warning per head dim, and the same result."""
+  import logging
+  from adiff_jax import attention as A
+  monkeypatch.setattr(A, "_backend", lambda: "gpu")
+  A._cudnn_compiles.cache_clear()
+  A._warn_fallback.cache_clear()
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 16, 2, 160)), jnp.bfloat16) for _ in range(3))
+  with caplog.at_level(logging.WARNING, logger="adiff_jax.attention"):
+    out = [jax.jit(A.dot_product_attention)(q, k, v) for _ in range(2)]
+  A._cudnn_compiles.cache_clear()
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and "does not compile for head dim 160" in warnings[0], warnings
+  want = A.dot_product_attention(q, k, v, attention_impl="xla")
+  for o in out:
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(want, np.float32))
