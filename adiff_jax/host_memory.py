@@ -19,7 +19,8 @@ mapped once per video, not once per step, and the single arena's lock costs more
 The flip side: host copies freed while setting up (weights read into numpy, then copied into
 device buffers) stay resident too, and the first step's buffer cannot reuse them when it is
 larger than the gaps they leave. `release_freed_memory()` (malloc_trim) hands those pages back
-once, after setup and before the first step: SD1.5-size training step, peak RSS 19.4 -> 14 GiB.
+once after setup and once after the compile, before the first step (SD1.5-size training step on
+CPU: peak RSS 18.1 -> 14.7 GiB, bench/RESULTS.md).
 """
 from __future__ import annotations
 
