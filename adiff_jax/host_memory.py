@@ -34,17 +34,26 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 ENV = "ADIFF_JAX_GLIBC_MALLOC"
 
 
+def _glibc():
+  """glibc's libc through ctypes, or None (not Linux, or another libc: musl has no arenas and
+  no malloc_trim)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.gnu_get_libc_version
+    return libc
+  except (OSError, AttributeError):
+    return None
+
+
 def keep_freed_memory() -> bool:
   """Tune glibc malloc as above; returns whether it was applied (False off glibc/Linux or when
   ADIFF_JAX_GLIBC_MALLOC=default)."""
-  if not sys.platform.startswith("linux") or os.environ.get(ENV, "") == "default":
+  libc = None if os.environ.get(ENV, "") == "default" else _glibc()
+  if libc is None:
     return False
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-    libc.gnu_get_libc_version            # glibc only (musl has no arenas to tune)
-  except (OSError, AttributeError):
-    return False
+  mallopt = libc.mallopt
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   # -1 reaches glibc as SIZE_MAX (its threshold is a size_t): never give the heap top back.
   return bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1))
@@ -53,12 +62,9 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> bool:
   """Give the pages of freed heap memory back to the OS now (glibc `malloc_trim(0)`, which also
   releases whole free pages inside the heap, not only at its top). Returns whether any were."""
-  if not sys.platform.startswith("linux"):
+  libc = _glibc()
+  if libc is None:
     return False
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    trim = libc.malloc_trim
-  except (OSError, AttributeError):
-    return False
+  trim = libc.malloc_trim
   trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
   return bool(trim(0))
