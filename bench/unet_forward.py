@@ -2,8 +2,10 @@
 
   python bench/unet_forward.py --config sd15 --frames 16 --latent 32 --batch 1 --dtype f32
 
-Both run in this process on the current device (CPU unless a GPU is visible to both). Weights are
-random (speed does not depend on them). Appends a row to bench/RESULTS.md with the command.
+Each framework runs in its own process (bench/side_by_side.py; until 2026-12-04 both ran in one
+process, where JAX's thread pool sat beside PyTorch's) on the current device (CPU unless a GPU is
+visible). Weights are random (speed does not depend on them). Appends a row to bench/RESULTS.md
+with the command.
 """
 from __future__ import annotations
 
@@ -15,13 +17,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import torch
 
 from adiff_jax.motion_module import MotionModuleConfig
 from adiff_jax.unet import UNet3D, UNetConfig
+from bench import side_by_side
 from bench.results import add_row, command
 
 
@@ -65,11 +65,10 @@ def main():
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--skip-torch", action="store_true")
   ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+  ap.add_argument("--side", choices=["jax", "torch"], help=argparse.SUPPRESS)   # a child process
   args = ap.parse_args()
 
   b, f, s = args.batch, args.frames, args.latent
-  gpu = torch.cuda.is_available()
-  device = jax.devices()[0]
   cfg = UNetConfig.sd15() if args.config == "sd15" else UNetConfig.tiny()
   mm = MotionModuleConfig.v2() if args.config == "sd15" else MotionModuleConfig.v2(num_heads=2, norm_groups=8)
   rng = np.random.default_rng(0)
@@ -77,9 +76,9 @@ def main():
   t = np.full((b,), 500.0, np.float32)
   ctx = rng.standard_normal((b, 77, cfg.cross_attention_dim)).astype(np.float32)
 
-  # PyTorch reference first (then freed), so the two never hold weights at the same time.
-  torch_s = None
-  if not args.skip_torch:
+  if args.side == "torch":
+    import torch
+    gpu = torch.cuda.is_available()
     tdev, tdt = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
     ref = torch_model(args.config, tdev, tdt)
     if gpu:
@@ -94,27 +93,40 @@ def main():
       if gpu:
         torch.cuda.synchronize()
     run_torch()  # warm-up
-    torch_s = timeit(run_torch, args.iters)
-    del ref
-    print(f"torch ({tdev}, {tdt}): {torch_s:.3f} s/forward")
+    return side_by_side.report(seconds=timeit(run_torch, args.iters), device=tdev, dtype=str(tdt))
+  if args.side == "jax":
+    import jax
+    import jax.numpy as jnp
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    model = UNet3D(cfg, mm, dtype=dtype)
+    params = jax.jit(model.init)(jax.random.key(0), sample[:, :2, :8, :8], t, ctx)["params"]
+    if args.config == "sd15" and dtype == jnp.bfloat16:
+      params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    fwd = jax.jit(model.apply)
+    xj, tj, cj = jnp.asarray(sample), jnp.asarray(t), jnp.asarray(ctx)
+    t0 = time.perf_counter()
+    fwd({"params": params}, xj, tj, cj).block_until_ready()
+    compile_s = time.perf_counter() - t0
+    seconds = timeit(lambda: fwd({"params": params}, xj, tj, cj).block_until_ready(), args.iters)
+    d = jax.devices()[0]
+    return side_by_side.report(seconds=seconds, compile_s=compile_s, device=d.device_kind,
+                               platform=d.platform)
 
-  dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-  model = UNet3D(cfg, mm, dtype=dtype)
-  params = jax.jit(model.init)(jax.random.key(0), sample[:, :2, :8, :8], t, ctx)["params"]
-  if args.config == "sd15" and dtype == jnp.bfloat16:
-    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-  fwd = jax.jit(model.apply)
-  xj, tj, cj = jnp.asarray(sample), jnp.asarray(t), jnp.asarray(ctx)
-  t0 = time.perf_counter()
-  fwd({"params": params}, xj, tj, cj).block_until_ready()
-  compile_s = time.perf_counter() - t0
-  jax_s = timeit(lambda: fwd({"params": params}, xj, tj, cj).block_until_ready(), args.iters)
-  print(f"jax ({device.platform}, {args.dtype}): {jax_s:.3f} s/forward (first call incl. compile {compile_s:.1f} s)")
+  argv = sys.argv[1:]
+  torch_s = None
+  if not args.skip_torch:
+    tr = side_by_side.run(__file__, argv, "torch")
+    torch_s = tr["seconds"]
+    print(f"torch ({tr['device']}, {tr['dtype']}): {torch_s:.3f} s/forward")
+  jr = side_by_side.run(__file__, argv, "jax")
+  jax_s = jr["seconds"]
+  print(f"jax ({jr['platform']}, {args.dtype}): {jax_s:.3f} s/forward (first call incl. compile "
+        f"{jr['compile_s']:.1f} s)")
 
   ratio = f"{torch_s / jax_s:.2f}x" if torch_s else "n/a"
   print(f"speed-up JAX vs PyTorch: {ratio}")
   cmd = command(__file__)
-  row = (f"| {time.strftime('%Y-%m-%d')} | {device.device_kind} | {args.config} | {b}x{f}x{s}x{s} | "
+  row = (f"| {time.strftime('%Y-%m-%d')} | {jr['device']} | {args.config} | {b}x{f}x{s}x{s} | "
          f"{args.dtype} | {torch_s and f'{torch_s:.3f}'} | {jax_s:.3f} | {ratio} | `{cmd}` |\n")
   add_row(args.results, "UNet forward (bench/unet_forward.py)",
           "| date | device | config | B x F x h x w | JAX dtype | PyTorch s | JAX s | speed-up | command |\n"
