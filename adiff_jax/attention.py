@@ -120,7 +120,7 @@ def _cudnn_compiles(head_dim: int, dtype: str) -> bool:
     return True
   except Exception as e:
     _warn_fallback(f"cuDNN fused attention does not compile for head dim {head_dim} {dtype} "
-                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using XLA attention")
+                   f"({describe_error(e)}); using XLA attention")
     return False
 
 
@@ -156,8 +156,14 @@ def dot_product_attention(
       if attention_impl == "cudnn":
         raise
       _warn_fallback(f"cuDNN fused attention unavailable for q {q.shape} {q.dtype} "
-                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using XLA attention")
+                     f"({describe_error(e)}); using XLA attention")
   return _xla_attention(q, k, v, mask, is_causal, scale)
+
+
+def describe_error(e: BaseException) -> str:
+  """"Type: first line of the message": enough to tell why cuDNN refused, short enough to log."""
+  msg = str(e)
+  return f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}"
 
 
 @functools.lru_cache(maxsize=None)

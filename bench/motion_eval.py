@@ -139,7 +139,6 @@ def lora_loss_gap(pipe: Pipeline, apply, lora, direction: str, n: int = 16, fram
   return out
 
 
-
 DIRECTION_T = (900, 600)
 
 
@@ -153,6 +152,7 @@ def direction_mse(pipe: Pipeline, apply, n: int = 16, frames: int = 16, size: in
     mse[d] = _mse_per_t(apply, {"params": pipe.params["unet"]}, z, ctx, DIRECTION_T)
   mean = np.mean(list(mse.values()), axis=0)
   return {d: [float(a / m - 1) for a, m in zip(v, mean)] for d, v in mse.items()}
+
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,8 +28,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from adiff_jax import host_memory
+
 if sys.argv[-2:] == ["--side", "jax"]:                  # the JAX child (bench/side_by_side.py)
-  from adiff_jax import host_memory
   host_memory.keep_freed_memory()        # as train.py does, before JAX starts its threads
 
 import jax
@@ -78,7 +79,6 @@ def jax_step(args):
     batch = jax.device_put(batch, batch_sh)
     del trainable
     gc.collect()
-    from adiff_jax import host_memory
     host_memory.release_freed_memory()      # the numpy weights' pages, as the Trainer does
     _, jitted = make_train_step(spec, state_sh, frozen_sh, batch_sh, rep)
     t0 = time.perf_counter()

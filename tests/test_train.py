@@ -48,10 +48,10 @@ def config(out, *extra):
                                      "checkpoint.every=2", "export.at_end=false", *extra])
 
 
-
 def loaded_frozen(tr) -> dict:
   """The stage's frozen weights as loaded afresh from its model source (not the trainer's copy)."""
   return S.split_model(tr.cfg, S.model_tree(tr.cfg, S.load_base(tr.cfg)))[1]
+
 
 RUN_SCRIPT = textwrap.dedent("""
     import json, os, sys
